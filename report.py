@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Generate the seed's table (and charts, and a W&B workspace) from run files.
+
+    python report.py runs/*/                        # markdown table, Chinese headers as the seed
+    python report.py runs/*/ --lang en --plots out/  # English headers, PNG charts
+    python report.py --wandb-workspace ENTITY/PROJECT  # save the standard W&B dashboard (online)
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from vitbench import reporting
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="*", help="run directories or results.json files")
+    p.add_argument("--lang", choices=["zh", "en"], default="zh")
+    p.add_argument("--plots", type=Path, default=None, help="write throughput.png and breakdown.png here")
+    p.add_argument("--wandb-workspace", metavar="ENTITY/PROJECT", default=None,
+                   help="save a W&B workspace with the standard panels")
+    args = p.parse_args(argv)
+    if not args.runs and not args.wandb_workspace:
+        p.error("give run directories and/or --wandb-workspace")
+    if args.runs:
+        try:
+            results = reporting.load_results(args.runs)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        sys.stdout.write(reporting.markdown_table(results, args.lang))
+        if args.plots:
+            for path in reporting.plots(results, args.plots):
+                print(f"wrote {path}")
+    if args.wandb_workspace:
+        workspace = reporting.build_workspace(args.wandb_workspace).save()
+        print(f"saved W&B workspace: {workspace.url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

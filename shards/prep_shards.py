@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Convert an ImageFolder tree (ILSVRC2012 layout) into WebDataset tar shards.
+
+    python shards/prep_shards.py --src /data/imagenet/train --out /data/imagenet-wds --split train
+    python shards/prep_shards.py --src /data/imagenet/val   --out /data/imagenet-wds --split validation
+    python shards/prep_shards.py --out /data/imagenet-wds --split train --verify
+
+Re-running after an interruption keeps completed shards and rebuilds only the rest.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vitbench.prep import DEFAULT_SHARD_SIZE, PrepError, prepare, verify  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", type=Path, help="ImageFolder root: SRC/<wnid>/<image>")
+    p.add_argument("--out", type=Path, required=True, help="output directory for shards and _info.json")
+    p.add_argument("--split", required=True, choices=["train", "validation"])
+    p.add_argument("--name", default="imagenet1k", help="shard name prefix (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help="samples per shard (default %(default)s: 1024 shards for ImageNet train)")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default: %(default)s)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="re-encode (JPEG q90) images whose longer side exceeds this; others stay byte-identical")
+    p.add_argument("--class-index", type=Path, default=None,
+                   help="fixed class mapping: JSON {wnid: index} or one wnid per line (default: sorted folders)")
+    p.add_argument("--verify", action="store_true",
+                   help="check existing shards against _info.json (counts, sha256) instead of writing")
+    args = p.parse_args(argv)
+
+    if args.verify:
+        problems = verify(args.out, args.split)
+        for line in problems:
+            print(f"FAIL {line}", file=sys.stderr)
+        print(f"verify {args.split}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+    if args.src is None:
+        p.error("--src is required unless --verify")
+    try:
+        entry = prepare(args.src, args.out, args.split, name=args.name, shard_size=args.shard_size,
+                        workers=args.workers, seed=args.seed, max_side=args.max_side,
+                        class_index=args.class_index)
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards -> {args.out}")
+    if entry["skipped"]:
+        print(f"skipped {len(entry['skipped'])} unreadable file(s) (listed in {args.out}/_info.json):")
+        for s in entry["skipped"]:
+            print(f"  {s['path']}: {s['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+#!/usr/bin/env python
+"""Train a Vision Transformer on ImageNet WebDataset shards with accelerate + DeepSpeed.
+
+With no arguments this is FlagPerf's ViT-B/16 case (torchvision's recipe), e.g.
+    accelerate launch --config_file accelerate_configs/1x8.yaml train_vit.py
+and on a CPU, in minutes, on the embedded demo photos:
+    python train_vit.py --demo
+    accelerate launch --config_file accelerate_configs/cpu_1x2.yaml train_vit.py --demo
+
+The story, top to bottom: config -> data -> model -> accelerate/DeepSpeed -> loop -> results.
+"""
+
+import argparse
+import ast
+import fcntl
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import psutil
+import torch
+
+from vitbench import checkpoint, data, dsconfig, precision, runinfo
+from vitbench.profiler import StepProfiler, peak_tflops, process_memory_probe, train_flops_per_sample
+from vitbench.tracking import Tracker
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_DATA_DIR = os.environ.get("VITBENCH_DATA_DIR", "/data/imagenet-wds")
+
+# FlagPerf's recipe flags: any that a run changes is listed in its `fix_hp` column.
+RECIPE_FLAGS = ["model", "img_size", "batch_size", "global_batch_size", "lr", "lr_base", "weight_decay", "epochs",
+                "warmup_epochs", "smoothing", "mixup", "cutmix", "aa", "aug_repeats", "clip_grad"]
+
+# --demo: a CPU-sized run of the same pipeline (flags given explicitly still win).
+DEMO = dict(model="vit_tiny_patch16_224", img_size=64, patch_size=8, batch_size=32, global_batch_size=64,
+            lr=1e-3, weight_decay=0.05, epochs=6, warmup_epochs=1, mixup=0.0, cutmix=0.0, smoothing=0.1,
+            aug_repeats=1, eval_batch_size=100, workers=1, precision="fp32", log_interval=5,
+            target_acc1=None, wandb="offline")
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help="shards + _info.json (default: $VITBENCH_DATA_DIR or %(default)s)")
+    g.add_argument("--workers", "-j", type=int, default=8, help="data loader processes per device")
+    g.add_argument("--demo", action="store_true", help="build the demo shards if missing and run a CPU-sized demo")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16_224", help="any timm model name")
+    g.add_argument("--img-size", type=int, default=None, help="input size (default: the model's, 224)")
+    g.add_argument("--patch-size", type=int, default=None, help="ViT patch size passed to timm")
+    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra timm create_model arguments, e.g. depth=6 embed_dim=384")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (DeepSpeed engine.compile)")
+    g = p.add_argument_group("recipe (FlagPerf / torchvision ViT-B/16)")
+    g.add_argument("--batch-size", "-b", type=int, default=256, help="micro-batch per device")
+    g.add_argument("--global-batch-size", type=int, default=4096,
+                   help="images per optimizer step; gradient accumulation = global / (batch-size x devices)")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: --lr-base scaled linearly)")
+    g.add_argument("--lr-base", type=float, default=3e-3, help="lr at --lr-base-size global batch")
+    g.add_argument("--lr-base-size", type=int, default=4096)
+    g.add_argument("--weight-decay", type=float, default=0.3)
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--warmup-epochs", type=float, default=30)
+    g.add_argument("--warmup-lr-factor", type=float, default=0.033, help="warm-up starts at this fraction of lr")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--smoothing", type=float, default=0.11, help="label smoothing")
+    g.add_argument("--mixup", type=float, default=0.2, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5", help="timm auto-augment policy ('' for none)")
+    g.add_argument("--aug-repeats", type=int, default=3, help="repeated augmentation copies per decoded image")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    g.add_argument("--target-acc1", type=float, default=79.98, help="stop once validation top-1 reaches this")
+    g.add_argument("--seed", type=int, default=41)
+    g = p.add_argument_group("system")
+    g.add_argument("--precision", choices=precision.PRECISIONS, default="amp",
+                   help="fp32 | tf32 | amp (fp16 autocast + loss scaling) | fp16 | bf16 (default: %(default)s)")
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="override the ZeRO stage of the DeepSpeed config")
+    g.add_argument("--deepspeed-config", default=None,
+                   help="DeepSpeed JSON (default: the launch config's, else ds_configs/zero1.json)")
+    g.add_argument("--eval-batch-size", type=int, default=512)
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default=None, help="default: runs/<run-name>")
+    g.add_argument("--run-name", default=None)
+    g.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: end only)")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--resume", default="", help="'auto' (newest complete checkpoint in the output dir) or a path")
+    g.add_argument("--log-interval", type=int, default=20, help="steps between profiler rows")
+    g.add_argument("--timing-warmup-steps", type=int, default=10,
+                   help="steps left out of the *_steady throughput figures")
+    g.add_argument("--profile-steps", default=None, metavar="A:B", help="torch.profiler trace of steps A..B")
+    g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known table)")
+    g.add_argument("--wandb", choices=["online", "offline", "off"], default="online",
+                   help="online falls back to offline when there are no credentials")
+    g.add_argument("--wandb-project", default="vitbench")
+    g.add_argument("--wandb-entity", default=None)
+    g.add_argument("--wandb-group", default=None, help="default: the run name")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        from vitbench.demo import DEFAULT_DIR
+
+        for key, value in {**DEMO, "data_dir": str(DEFAULT_DIR)}.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    args.fix_hp = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) != parser.get_default(k)}
+    args.model_kwargs = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.model_kwargs)}
+    return args
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_inputs(args, world_size: int):
+    """Everything that can be wrong with the flags, reported before any heavy work."""
+    import timm
+
+    if not timm.is_model(args.model):
+        fail(f"unknown model '{args.model}' (see timm.list_models())")
+    per_step = args.batch_size * world_size
+    if args.global_batch_size % per_step:
+        fail(f"--global-batch-size {args.global_batch_size} is not a multiple of --batch-size {args.batch_size} "
+             f"x {world_size} devices")
+    if (args.mixup or args.cutmix) and args.batch_size % 2:
+        fail(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    if args.profile_steps and not all(s.isdigit() for s in args.profile_steps.split(":")):
+        fail(f"--profile-steps wants A:B, got '{args.profile_steps}'")
+    try:
+        train_shards = data.load_split(args.data_dir, "train")
+        val_shards = data.load_split(args.data_dir, "validation")
+        precision.check_supported(args.precision)
+        ds_config = dsconfig.build(dsconfig.config_path(args.deepspeed_config), micro_batch=args.batch_size,
+                                   grad_accum=args.global_batch_size // per_step, world_size=world_size,
+                                   clip_grad=args.clip_grad, precision=args.precision, zero_stage=args.zero_stage)
+    except (data.DataError, precision.PrecisionError, dsconfig.ConfigError) as e:
+        fail(str(e))
+    return train_shards, val_shards, ds_config
+
+
+def build_demo_shards():
+    """Every process may get here: the first builds, the others wait on the lock and find it done."""
+    from vitbench.demo import DEFAULT_DIR, build
+
+    DEFAULT_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(DEFAULT_DIR.parent / ".demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build(DEFAULT_DIR, progress=False)
+
+
+class TrainState:
+    """Counters saved in checkpoints alongside model, optimizer, loss scaler and LR schedule."""
+
+    def __init__(self):
+        self.step = self.epoch = self.step_in_epoch = 0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, sd):
+        vars(self).update(sd)
+
+
+def reduce_max(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: every validation sample exactly once across ranks
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, stream, accelerator, in_dtype, lockstep: bool) -> dict:
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, count, skipped
+    batches = 0
+    for batch in data.validation_loader(stream, pin_memory=accelerator.device.type == "cuda"):
+        x = batch["images"].to(accelerator.device, in_dtype, non_blocking=True)
+        y = batch["labels"].to(accelerator.device, non_blocking=True)
+        logits = model(x).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.stack([
+            torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+            (top5[:, 0] == y).sum().double(),
+            (top5 == y[:, None]).any(dim=1).sum().double(),
+            torch.tensor(float(len(y)), dtype=torch.float64, device=sums.device),
+            torch.tensor(float(batch["skipped"]), dtype=torch.float64, device=sums.device),
+        ])
+        batches += 1
+    if lockstep:  # ZeRO-3 gathers parameters inside forward: every rank must run as many forwards
+        pad = torch.zeros(1, 3, *x.shape[2:] if batches else (stream.img_size, stream.img_size),
+                          dtype=in_dtype, device=accelerator.device)
+        for _ in range(stream.max_batches_per_rank() - batches):
+            model(pad)  # outputs discarded: padding is never counted
+    sums = accelerator.reduce(sums, reduction="sum")
+    loss, top1, top5, count, skipped = sums.tolist()
+    model.train()
+    return {"acc1": 100 * top1 / max(count, 1), "acc5": 100 * top5 / max(count, 1),
+            "loss": loss / max(count, 1), "samples": int(count), "skipped": int(skipped)}
+
+
+# ------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    runinfo.single_process_env()
+    lay = runinfo.layout()
+    if args.demo:
+        build_demo_shards()
+    train_shards, val_shards, ds_config = check_inputs(args, lay["world_size"])
+
+    # ---- accelerate + DeepSpeed -------------------------------------------------------------
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
+
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config), kwargs_handlers=handlers,
+                              gradient_accumulation_steps=ds_config["gradient_accumulation_steps"])
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    grad_accum = ds_config["gradient_accumulation_steps"]
+    precision.set_tf32(args.precision == "tf32")
+
+    run_name = args.run_name or (f"{args.model}_{lay['nnodes']}x{lay['nproc_per_node']}_{args.precision}_"
+                                 f"z{zero_stage}_{time.strftime('%Y%m%d-%H%M%S')}")
+    run_name = broadcast_object_list([run_name])[0]  # one name for all ranks and nodes
+    out_dir = Path(args.output_dir or REPO / "runs" / run_name)
+    ckpt_dir = out_dir / "checkpoints"
+
+    # ---- model, optimizer, schedule ---------------------------------------------------------
+    import timm
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.scheduler import CosineLRScheduler
+
+    img_size = args.img_size or 224
+    model_kwargs = dict(num_classes=train_shards.num_classes, img_size=img_size, **args.model_kwargs)
+    if args.patch_size:
+        model_kwargs["patch_size"] = args.patch_size
+    make_model = partial(timm.create_model, args.model, **model_kwargs)
+    set_seed(args.seed)  # identical initial weights on every rank
+    model = make_model()
+    flops_per_sample = train_flops_per_sample(make_model, img_size)
+    lr = args.lr or args.lr_base * args.global_batch_size / args.lr_base_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, train_shards.num_samples // args.global_batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    # Stepped per optimizer update (FlagPerf steps per epoch): the same curve, without the staircase.
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, args.epochs * steps_per_epoch - warmup_steps),
+                                  lr_min=args.min_lr, warmup_t=warmup_steps,
+                                  warmup_lr_init=lr * args.warmup_lr_factor, warmup_prefix=True,
+                                  t_in_epochs=False)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if args.compile:
+        model.compile()
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    resume_from = checkpoint.resolve_resume(args.resume, ckpt_dir)
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    resumed_from_step = state.step
+    set_seed(args.seed + rank + 1000 * state.step)  # mixup and augmentation differ per rank and resume
+
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                  num_classes=train_shards.num_classes) if args.mixup or args.cutmix else None
+    train_loss = SoftTargetCrossEntropy() if mixup else \
+        LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else torch.nn.CrossEntropyLoss()
+    in_dtype = precision.input_dtype(args.precision)
+
+    # ---- data --------------------------------------------------------------------------------
+    train_tf = data.train_transform(img_size, args.aa or None)
+    val_stream = data.ValidationStream(val_shards, data.eval_transform(img_size), args.eval_batch_size, rank, world,
+                                       args.workers)
+    val_stream.img_size = img_size
+    pin = device.type == "cuda"
+
+    # ---- profiler and tracking ---------------------------------------------------------------
+    from deepspeed.accelerator import get_accelerator
+
+    env = runinfo.environment(device, REPO)
+    peak = args.peak_tflops or peak_tflops(env["device_name"] if device.type == "cuda" else None, args.precision)
+    event_cls = get_accelerator().Event  # None on synchronous devices (CPU): host clock there
+    prof = StepProfiler(global_batch=args.global_batch_size, world_size=world, warmup_steps=args.timing_warmup_steps,
+                        synchronize=get_accelerator().synchronize,
+                        make_event=partial(event_cls, enable_timing=True) if event_cls else None,
+                        reduce_max=partial(reduce_max, device=device), flops_per_sample=flops_per_sample,
+                        peak_tflops_per_device=peak, memory_probe=process_memory_probe(device))
+    config = {k: v for k, v in vars(args).items()}
+    config.update(lr=lr, zero_stage=zero_stage, grad_accum_steps=grad_accum, steps_per_epoch=steps_per_epoch,
+                  total_steps=total_steps, deepspeed_config=ds_config, flops_per_sample=flops_per_sample,
+                  peak_tflops_per_device=peak, **lay)
+    tracker = Tracker(args.wandb, enabled=accelerator.is_main_process, run_dir=out_dir, project=args.wandb_project,
+                      entity=args.wandb_entity, name=run_name, group=args.wandb_group or run_name,
+                      config={**config, "env": env})
+    torch_prof = None
+    prof_a, prof_b = map(int, args.profile_steps.split(":")) if args.profile_steps else (-1, -1)
+    accelerator.print(f"{run_name}: {args.model} {img_size}px, {world} device(s), {args.precision}, ZeRO-{zero_stage}, "
+                      f"global batch {args.global_batch_size} = {args.batch_size} x {world} x {grad_accum} accum, "
+                      f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    loss_sum = torch.zeros((), device=device)  # device-side: no sync per step
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    logits_dtype, skipped_steps = None, model.skipped_steps
+    train_skipped, evals, final, done = 0, [], None, False
+    model.train()
+    prof.train_start()
+    while state.step < total_steps and not done:
+        steps_now = min(steps_per_epoch - state.step_in_epoch, total_steps - state.step)
+        loader = data.train_loader(train_shards, train_tf, args.batch_size, steps_now * grad_accum, rank=rank,
+                                   world_size=world, workers=args.workers, seed=args.seed,
+                                   epoch=state.epoch * 1_000_003 + state.step, repeats=args.aug_repeats,
+                                   pin_memory=pin)
+        batches = iter(loader)
+        for _ in range(steps_now):
+            prof.data_start()
+            micro = []
+            for _ in range(grad_accum):
+                b = next(batches)
+                train_skipped += b["skipped"]
+                x = b["images"].to(device, non_blocking=True)
+                y = b["labels"].to(device, non_blocking=True)
+                if mixup:
+                    x, y = mixup(x, y)
+                micro.append((x.to(in_dtype), y))
+            if state.step == prof_a:
+                torch_prof = torch.profiler.profile(record_shapes=True, with_stack=False)
+                torch_prof.start()
+            prof.compute_start()
+            for x, y in micro:
+                with accelerator.accumulate(model):
+                    logits = model(x)
+                    loss = train_loss(logits.float(), y)
+                    accelerator.backward(loss)
+                loss_sum += loss.detach()
+            prof.step_end()
+            logits_dtype = logits_dtype or logits.dtype
+            if model.skipped_steps == skipped_steps:  # a step the fp16 loss scaler skipped is its business
+                bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
+                first_bad_step = torch.where(bad, state.step + 1, first_bad_step)
+            skipped_steps = model.skipped_steps
+            state.step += 1
+            state.step_in_epoch += 1
+            scheduler.step_update(state.step)
+            if torch_prof and state.step >= prof_b:
+                torch_prof.stop()
+                trace_dir = out_dir / "profile"
+                trace_dir.mkdir(parents=True, exist_ok=True)
+                torch_prof.export_chrome_trace(str(trace_dir / f"trace_rank{rank}.json"))
+                torch_prof = None
+            if state.step == 1:
+                precision.verify(args.precision, precision.in_effect(model, logits_dtype))
+
+            if state.step % args.log_interval == 0 or state.step == total_steps:
+                row = prof.interval_row()
+                steps_in_row = (state.step - 1) % args.log_interval + 1
+                row["loss"] = accelerator.reduce(loss_sum, reduction="mean").item() / (steps_in_row * grad_accum)
+                loss_sum.zero_()
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                grad_norm = model.get_global_grad_norm()
+                row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+                row["loss_scale"] = loss_scale(model)
+                row["epoch"] = state.epoch + state.step_in_epoch / steps_per_epoch
+                if first_bad_step.item() >= 0:
+                    fail(f"non-finite loss at step {first_bad_step.item()} (not a step the loss scaler skipped)")
+                tracker.log_step(state.step, row)
+                accelerator.print(format_row(state.step, total_steps, row))
+            if args.checkpoint_every and state.step % args.checkpoint_every == 0 and state.step < total_steps:
+                with prof.pause("checkpoint"):
+                    checkpoint.save(accelerator, ckpt_dir, state.step, args.keep_checkpoints, {"epoch": state.epoch})
+        del batches, loader
+        if state.step_in_epoch >= steps_per_epoch:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        if (state.step_in_epoch == 0 and state.epoch % args.eval_every == 0) or state.step >= total_steps:
+            with prof.pause("eval"):
+                final = evaluate(model, val_stream, accelerator, in_dtype, lockstep=zero_stage == 3)
+            evals.append({"epoch": state.epoch, "step": state.step, **final})
+            tracker.log_eval(state.epoch, final)
+            accelerator.print(f"eval epoch {state.epoch} step {state.step}: top-1 {final['acc1']:.2f}  "
+                              f"top-5 {final['acc5']:.2f}  loss {final['loss']:.4f}  ({final['samples']} images)")
+            if args.target_acc1 is not None and final["acc1"] >= args.target_acc1:
+                accelerator.print(f"reached target top-1 {args.target_acc1}")
+                done = True
+    prof.train_end()
+    with prof.pause("checkpoint"):
+        checkpoint.save(accelerator, ckpt_dir, state.step, args.keep_checkpoints, {"epoch": state.epoch})
+
+    # ---- results -----------------------------------------------------------------------------
+    timing = prof.summary()
+    e2e = reduce_max([time.time() - psutil.Process().create_time()], device)[0]
+    train_skipped = int(accelerator.reduce(torch.tensor(train_skipped, device=device), reduction="sum").item())
+    results = {
+        "run_name": run_name, **lay, "precision": args.precision, "zero_stage": zero_stage,
+        "global_batch_size": args.global_batch_size, "global_step": state.step,
+        "resumed_from_step": resumed_from_step, "epochs_done": state.epoch,
+        "eval_samples": final["samples"] if final else 0, "val_num_samples": val_shards.num_samples,
+        "final_acc1": final["acc1"] if final else None, "final_acc5": final["acc5"] if final else None,
+        "val_loss": final["loss"] if final else None, "reached_target": bool(done),
+        "skipped_corrupt": {"train": train_skipped, "validation": final["skipped"] if final else 0},
+        "e2e_time": e2e, **timing,
+        "mem": f"{timing['mem_used_gib']:.1f}/{timing['mem_total_gib']:.1f}" if "mem_used_gib" in timing else None,
+        "fix_hp": args.fix_hp,
+        "precision_in_effect": precision.in_effect(model, logits_dtype),
+        "evals": evals, "environment": env, "config": config,
+    }
+    if accelerator.is_main_process:
+        from vitbench.prep import write_json_atomic
+        from vitbench.reporting import table_row
+
+        write_json_atomic(out_dir / "results.json", results)
+        summary = {k: results[k] for k in ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "final_acc5",
+                                           "val_loss", "mem_used_gib", "mem_total_gib", "p_whole_steady",
+                                           "p_train_steady", "p_core_steady") if k in results}
+        tracker.finish(summary, table_row(results), [out_dir / "profile"] if (out_dir / "profile").is_dir() else [])
+        print(f"results: {out_dir / 'results.json'}")
+        print(f"e2e_time {e2e:.1f}s  p_whole {fmt(results['p_whole'])}  p_train {fmt(results['p_train'])}  "
+              f"p_core {fmt(results['p_core'])} img/s  final_acc1 {fmt(results['final_acc1'])}  mem {results['mem']} GiB")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def loss_scale(engine):
+    opt = getattr(engine, "optimizer", None)
+    for scaler in (getattr(engine, "torch_autocast_z0_gradscaler", None),
+                   getattr(opt, "torch_autocast_gradscaler", None)):
+        if scaler is not None:
+            return float(scaler.get_scale())
+    return float(opt.loss_scale) if engine.fp16_enabled() and hasattr(opt, "loss_scale") else None
+
+
+def fmt(v, digits=1):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def format_row(step, total, row) -> str:
+    parts = [f"step {step}/{total}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3g}",
+             f"{row['throughput(img/s)']:.1f} img/s", f"step {row['step_time(s)'] * 1000:.0f} ms",
+             f"data {row['data_wait(%)']:.0f}%"]
+    if "mfu(%)" in row:
+        parts.append(f"mfu {row['mfu(%)']:.1f}%")
+    mem = row.get("memory/max_reserved(GiB)", row.get("memory/host_rss(GiB)"))
+    if mem is not None:
+        parts.append(f"mem {mem:.2f} GiB")
+    return "  ".join(parts)
+
+
+if __name__ == "__main__":
+    main()

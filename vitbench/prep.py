@@ -1,0 +1,280 @@
+"""ImageFolder tree -> WebDataset tar shards plus timm's `_info.json`.
+
+Layout written (the same as the public `timm/imagenet-1k-wds` dataset):
+  OUT/{name}-{split}-{NNNN}.tar   samples: __key__, jpg, cls (index as text), json
+  OUT/_info.json                  {"name", "num_classes", "classes", "splits": {SPLIT: {...}}}
+  OUT/.prep/{shard}.json          per-shard completion record (count, sha256, skipped files)
+
+A shard is written under a temporary name and renamed when complete, and its completion record is
+written after the rename; a shard without a matching record is rebuilt. So a prep killed at any
+point (even SIGKILL) resumes by rebuilding only the unfinished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+IMAGENET_TRAIN_IMAGES = 1_281_167
+DEFAULT_SHARD_SIZE = 1252  # 1,281,167 / 1252 -> 1024 train shards, as timm/imagenet-1k-wds
+JPEG_QUALITY = 90
+INFO_FILE = "_info.json"
+
+
+class PrepError(Exception):
+    """Bad input detected before any shard is written."""
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str  # relative to --src
+    wnid: str
+    cls: int
+    key: str
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_class_index(path: Path) -> dict[str, int]:
+    """`--class-index`: a JSON object {wnid: index} or a text file with one wnid per line."""
+    if not path.is_file():
+        raise PrepError(f"{path}: class-index file not found")
+    text = path.read_text()
+    if path.suffix == ".json":
+        mapping = json.loads(text)
+        if not isinstance(mapping, dict):
+            raise PrepError(f"{path}: expected a JSON object {{wnid: index}}")
+        return {str(k): int(v) for k, v in mapping.items()}
+    wnids = [line.split()[0] for line in text.splitlines() if line.strip()]
+    return {w: i for i, w in enumerate(wnids)}
+
+
+def scan_sources(src: Path, class_index: dict[str, int] | None = None) -> tuple[list[Source], list[str]]:
+    """List every image of an ImageFolder tree; returns (sources sorted by path, class names by index)."""
+    if not src.exists():
+        raise PrepError(f"{src}: source directory does not exist")
+    if not src.is_dir():
+        raise PrepError(f"{src}: source is not a directory")
+    class_dirs = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise PrepError(f"{src}: no class folders (expected SRC/<wnid>/<image>, as ILSVRC2012 is laid out)")
+    if class_index is None:
+        class_index = {d.name: i for i, d in enumerate(class_dirs)}
+    unknown = [d.name for d in class_dirs if d.name not in class_index]
+    if unknown:
+        raise PrepError(f"{src}: class folders not in the class index: {', '.join(unknown[:10])}")
+    classes = [""] * (max(class_index.values()) + 1)
+    for wnid, idx in class_index.items():
+        classes[idx] = wnid
+
+    found = []
+    for d in class_dirs:
+        for f in sorted(d.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                found.append((f"{d.name}/{f.name}", d.name, f.stem.replace(".", "_")))
+    if not found:
+        raise PrepError(f"{src}: the class folders hold no files")
+    # WebDataset keys end at the first dot and must be unique within a shard set.
+    stems_unique = len({stem for _, _, stem in found}) == len(found)
+    sources = [
+        Source(path=rel, wnid=wnid, cls=class_index[wnid], key=stem if stems_unique else f"{wnid}_{stem}")
+        for rel, wnid, stem in found
+    ]
+    return sources, classes
+
+
+def plan_shards(sources: list[Source], shard_size: int, seed: int) -> list[list[Source]]:
+    order = list(sources)
+    random.Random(seed).shuffle(order)
+    return [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
+
+
+def shard_fingerprint(members: list[Source], max_side: int | None) -> str:
+    h = hashlib.sha256(json.dumps([max_side, [(s.path, s.cls, s.key) for s in members]]).encode())
+    return h.hexdigest()
+
+
+class _HashingFile:
+    """File wrapper computing sha256 while writing, so a shard is never read back to hash it."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _encode_image(data: bytes, max_side: int | None) -> tuple[bytes, int, int]:
+    """Fully decode (catches truncated files); re-encode only when --max-side asks to shrink."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        w, h = im.size
+        if max_side and max(w, h) > max_side:
+            scale = max_side / max(w, h)
+            w, h = max(1, round(w * scale)), max(1, round(h * scale))
+            out = io.BytesIO()
+            im.convert("RGB").resize((w, h), Image.BICUBIC).save(out, "JPEG", quality=JPEG_QUALITY)
+            data = out.getvalue()
+    return data, w, h
+
+
+def write_shard(src: str, out: str, shard_name: str, members: list[Source], max_side: int | None,
+                fingerprint: str) -> dict:
+    """Worker: write one shard atomically and its completion record. Returns the record."""
+    import webdataset as wds
+
+    out_dir = Path(out)
+    final = out_dir / shard_name
+    tmp = out_dir / f".{shard_name}.tmp{os.getpid()}"
+    skipped, count = [], 0
+    with open(tmp, "wb") as raw:
+        hashing = _HashingFile(raw)
+        with wds.TarWriter(hashing, mtime=0, encoder=False) as tw:
+            for s in members:
+                try:
+                    data = (Path(src) / s.path).read_bytes()
+                    data, w, h = _encode_image(data, max_side)
+                except Exception as e:  # undecodable, truncated or unreadable: skip, never abort
+                    skipped.append({"path": s.path, "reason": f"{type(e).__name__}: {e}"})
+                    continue
+                meta = {"path": s.path, "wnid": s.wnid, "width": w, "height": h}
+                tw.write({"__key__": s.key, "jpg": data, "cls": str(s.cls).encode(),
+                          "json": json.dumps(meta).encode()})
+                count += 1
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, final)
+    record = {"filename": shard_name, "num_samples": count, "sha256": hashing.sha.hexdigest(),
+              "bytes": final.stat().st_size, "skipped": skipped, "fingerprint": fingerprint}
+    write_json_atomic(out_dir / ".prep" / f"{shard_name}.json", record)
+    return record
+
+
+def completed_record(out: Path, shard_name: str, fingerprint: str) -> dict | None:
+    """The shard's record if the shard is complete and was built from the same plan."""
+    rec_path, shard = out / ".prep" / f"{shard_name}.json", out / shard_name
+    if not (rec_path.is_file() and shard.is_file()):
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("fingerprint") != fingerprint or rec.get("bytes") != shard.stat().st_size:
+        return None
+    return rec
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def count_tar_samples(path: Path) -> int:
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        return len({m.name.split("/")[-1].split(".", 1)[0] for m in tf.getmembers() if m.isreg()})
+
+
+def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_size: int = DEFAULT_SHARD_SIZE,
+            workers: int | None = None, seed: int = 0, max_side: int | None = None,
+            class_index: Path | None = None, progress: bool = True) -> dict:
+    """Build (or finish building) the shards of one split; returns the split's `_info.json` entry."""
+    from tqdm import tqdm
+
+    src, out = Path(src), Path(out)
+    if shard_size < 1:
+        raise PrepError(f"--shard-size must be >= 1, got {shard_size}")
+    sources, classes = scan_sources(src, read_class_index(class_index) if class_index else None)
+    info_path = out / INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {"name": name, "splits": {}}
+    if info.get("classes") not in (None, classes):
+        raise PrepError(f"{info_path}: its class list differs from {src}'s; use --class-index or a new --out")
+    (out / ".prep").mkdir(parents=True, exist_ok=True)
+
+    shards = plan_shards(sources, shard_size, seed)
+    names = [f"{name}-{split}-{i:04d}.tar" for i in range(len(shards))]
+    fingerprints = [shard_fingerprint(m, max_side) for m in shards]
+    records: dict[str, dict] = {}
+    todo = []
+    for shard_name, members, fp in zip(names, shards, fingerprints):
+        rec = completed_record(out, shard_name, fp)
+        if rec is None:
+            todo.append((shard_name, members, fp))
+        else:
+            records[shard_name] = rec
+    bar = tqdm(total=len(sources), unit="img", desc=f"{split}: {len(todo)}/{len(shards)} shards to write",
+               disable=not progress)
+    bar.update(sum(len(m) for n, m, _ in zip(names, shards, fingerprints) if n in records))
+    workers = workers or os.cpu_count() or 1
+    if todo:
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            futures = {pool.submit(write_shard, str(src), str(out), n, m, max_side, fp): len(m)
+                       for n, m, fp in todo}
+            for fut in as_completed(futures):
+                rec = fut.result()
+                records[rec["filename"]] = rec
+                bar.update(futures[fut])
+    bar.close()
+
+    ordered = [records[n] for n in names]
+    entry = {
+        "name": split,
+        "num_samples": sum(r["num_samples"] for r in ordered),
+        "filenames": names,
+        "shard_lengths": [r["num_samples"] for r in ordered],
+        "sha256": [r["sha256"] for r in ordered],
+        "skipped": [s for r in ordered for s in r["skipped"]],
+        "seed": seed,
+        "max_side": max_side,
+    }
+    # Re-read just before writing: the other split may have been prepared meanwhile.
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {"name": name, "splits": {}}
+    info.update(name=name, num_classes=len(classes), classes=classes)
+    info["splits"][split] = entry
+    write_json_atomic(info_path, info)
+    return entry
+
+
+def verify(out: Path, split: str) -> list[str]:
+    """Check every shard of a split against `_info.json`; returns a list of problems (empty: all good)."""
+    out = Path(out)
+    info_path = out / INFO_FILE
+    if not info_path.is_file():
+        return [f"{info_path}: missing"]
+    entry = json.loads(info_path.read_text())["splits"].get(split)
+    if entry is None:
+        return [f"{info_path}: no split '{split}'"]
+    problems = []
+    for fname, length, digest in zip(entry["filenames"], entry["shard_lengths"], entry["sha256"]):
+        path = out / fname
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: sha256 differs from the one recorded at write time")
+        elif count_tar_samples(path) != length:
+            problems.append(f"{path}: sample count differs from {length}")
+    return problems

@@ -1,0 +1,163 @@
+"""The seed's table, generated from `results.json` files instead of filled in by hand."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+COLUMNS = {
+    "zh": ["配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"],
+    "en": ["config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"],
+}
+_NODES_ZH = {1: "单机", 2: "两机"}
+
+
+def load_results(paths) -> list[dict]:
+    """RUN_DIRs or results.json files, in the order given."""
+    out = []
+    for p in map(Path, paths):
+        f = p / "results.json" if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no results.json (did the run finish?)")
+        out.append(json.loads(f.read_text()))
+    return out
+
+
+def device_short_name(env: dict) -> str:
+    if env.get("device_type") != "cuda":
+        return env.get("device_type", "cpu").upper()
+    name = env.get("device_name", "GPU")
+    m = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", name.replace("NVIDIA ", ""))
+    return m.group(1) if m else name.replace("NVIDIA ", "").split()[0]
+
+
+def config_label(r: dict, lang: str = "zh") -> str:
+    dev, n, k = device_short_name(r.get("environment", {})), r["nnodes"], r["nproc_per_node"]
+    if lang == "zh":
+        nodes = _NODES_ZH.get(n, f"{n}机")
+        cards = "单卡" if k == 1 else f"{k}卡"
+        return f"{dev}{nodes}{cards}({n}x{k})"
+    return f"{dev} {n} node{'s' if n > 1 else ''} x {k} device{'s' if k > 1 else ''} ({n}x{k})"
+
+
+def fix_hp_text(fix_hp: dict) -> str:
+    short = {"batch_size": "bs", "global_batch_size": "gbs"}
+    return ", ".join(f"{short.get(k, k)}={v}" for k, v in fix_hp.items()) or "/"
+
+
+def _num(v, digits: int = 0) -> str:
+    return "/" if v is None else f"{v:.{digits}f}"
+
+
+def table_row(r: dict, lang: str = "zh") -> list:
+    return [config_label(r, lang), r["precision"], fix_hp_text(r.get("fix_hp", {})), _num(r.get("e2e_time")),
+            _num(r.get("p_whole")), _num(r.get("p_train")), _num(r.get("p_core")), _num(r.get("final_acc1"), 3),
+            r.get("mem") or "/"]
+
+
+def _workload(r: dict) -> tuple:
+    cfg = r.get("config", {})
+    return (device_short_name(r.get("environment", {})), r["precision"], cfg.get("model"), cfg.get("img_size"),
+            cfg.get("batch_size"))
+
+
+def scaling_efficiency(results: list[dict]) -> list[str]:
+    """p_train per device against the 1x1 row of the same device, precision, model, image size and
+    micro-batch, where there is one."""
+    base = {}
+    for r in results:
+        if r["world_size"] == 1 and r.get("p_train"):
+            base.setdefault(_workload(r), r["p_train"])
+    out = []
+    for r in results:
+        b = base.get(_workload(r))
+        out.append(f"{100 * r['p_train'] / (b * r['world_size']):.1f}%" if b and r.get("p_train") else "/")
+    return out
+
+
+def markdown_table(results: list[dict], lang: str = "zh") -> str:
+    cols = list(COLUMNS[lang])
+    rows = [table_row(r, lang) for r in results]
+    eff = scaling_efficiency(results)
+    if any(e != "/" for e in eff):
+        cols.append("scaling" if lang == "en" else "扩展效率")
+        rows = [row + [e] for row, e in zip(rows, eff)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: list[dict], out_dir: Path, lang: str = "en") -> list[Path]:
+    """throughput.png (p_whole / p_train / p_core per config) and breakdown.png (seconds per image spent
+    on data wait, compute and evaluation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [f"{config_label(r, 'en')}\n{r['precision']}" for r in results]
+    xs = range(len(results))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(results)), 4))
+    width = 0.27
+    for i, key in enumerate(["p_whole", "p_train", "p_core"]):
+        ax.bar([x + (i - 1) * width for x in xs], [r.get(key) or 0 for r in results], width, label=key)
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("images / s")
+    ax.set_title("Throughput per configuration")
+    ax.legend()
+    fig.tight_layout()
+    paths = [out_dir / "throughput.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(results)), 4))
+    bottom = [0.0] * len(results)
+    for key, name in [("compute_time", "compute"), ("data_wait_time", "data wait"), ("eval_time", "evaluation")]:
+        vals = [1000 * (r.get(key) or 0) * r["global_batch_size"] / max(r.get("train_samples") or 1, 1) for r in results]
+        ax.bar(list(xs), vals, 0.5, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("ms per optimizer step")
+    ax.set_title("Where a step's time goes")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "breakdown.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+# W&B workspace: the standard panels, built with W&B's own wandb-workspaces library.
+WORKSPACE_SECTIONS = {
+    "Throughput": [("throughput", ["train/throughput(img/s)"]),
+                   ("throughput per device", ["train/throughput_per_device(img/s)"])],
+    "Where time goes": [("p_core vs p_train: compute vs step time", ["train/compute_time(s)", "train/step_time(s)"]),
+                        ("data-wait share", ["train/data_wait(%)"])],
+    "Efficiency": [("MFU", ["train/mfu(%)"]), ("achieved TFLOP/s per device", ["train/tflops_per_device"])],
+    "Memory": [("allocator peaks", ["train/memory/max_allocated(GiB)", "train/memory/max_reserved(GiB)"]),
+               ("device used", ["train/memory/device_used(GiB)"]), ("host RSS", ["train/memory/host_rss(GiB)"])],
+    "Training": [("loss", ["train/loss"]), ("learning rate", ["train/lr"]), ("gradient norm", ["train/grad_norm"]),
+                 ("loss scale", ["train/loss_scale"])],
+    "Accuracy": [("top-1", ["eval/acc1"]), ("top-5", ["eval/acc5"]), ("validation loss", ["eval/loss"])],
+}
+
+
+def build_workspace(entity_project: str, name: str = "vitbench"):
+    """A `wandb_workspaces` Workspace object; `.save()` sends it (needs W&B credentials)."""
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+
+    entity, _, project = entity_project.partition("/")
+    if not entity or not project:
+        raise ValueError(f"--wandb-workspace wants ENTITY/PROJECT, got '{entity_project}'")
+    sections = []
+    for title, panels in WORKSPACE_SECTIONS.items():
+        x = "eval/epoch" if title == "Accuracy" else "train/step"
+        sections.append(ws.Section(name=title, is_open=True, panels=[
+            wr.LinePlot(title=t, x=x, y=list(ys), groupby="Group") for t, ys in panels]))
+    summary = wr.RunComparer()
+    sections.append(ws.Section(name="Run summary (six metrics)", is_open=True, panels=[summary]))
+    return ws.Workspace(entity=entity, project=project, name=name, sections=sections)

@@ -1,0 +1,90 @@
+"""The facts a results file carries besides the figures: launch layout, device, software, git commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+
+def layout() -> dict:
+    """Machines x processes per machine, from the launcher's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return {"world_size": world, "nnodes": max(1, world // max(per_node, 1)), "nproc_per_node": per_node}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """Plain `python train_vit.py`: make it a one-process launch so the same DeepSpeed path runs."""
+    if "LOCAL_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device, repo: Path) -> dict:
+    import torch
+
+    env = {
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": _version("deepspeed"),
+        "accelerate": _version("accelerate"),
+        "timm": _version("timm"),
+        "webdataset": _version("webdataset"),
+        "git_commit": git_commit(repo),
+        "device_type": device.type,
+    }
+    if device.type == "cuda":
+        env.update({
+            "device_name": torch.cuda.get_device_name(device),
+            "device_count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "driver": _nvidia_driver(),
+        })
+    else:
+        env.update({"device_name": platform.processor() or platform.machine(), "device_count": 1,
+                    "cpu_count": os.cpu_count()})
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlSystemGetDriverVersion()
+    except Exception:
+        return None
+

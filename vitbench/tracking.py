@@ -1,0 +1,88 @@
+"""Weights & Biases tracking that can never stop or slow a training run.
+
+One W&B run per launch, made on the main process only; every call is guarded: the first failure
+prints one warning and turns tracking off for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+TABLE_COLUMNS = ["config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"]
+
+
+class Tracker:
+    def __init__(self, mode: str, *, enabled: bool, run_dir: Path, project: str, entity: str | None,
+                 name: str, group: str, config: dict):
+        self.run = None
+        self.mode = mode
+        self.run_dir = Path(run_dir)
+        if mode == "off" or not enabled:
+            return
+        self._guard("init", self._init, project, entity, name, group, config)
+
+    def _init(self, project, entity, name, group, config):
+        import wandb
+
+        if self.mode == "online" and not wandb.login(prompt=False, verify=False):
+            self.mode = "offline"
+            print("wandb: no credentials found, logging offline; upload later with "
+                  f"`wandb sync {self.run_dir / 'wandb'}/offline-run-*`")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # W&B writes debug logs to ~/.cache/wandb unless told otherwise: keep everything in the run dir.
+        os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / "cache"))
+        self.run = wandb.init(project=project, entity=entity, name=name, group=group, config=config,
+                              dir=str(self.run_dir), mode=self.mode, reinit="create_new",
+                              settings=wandb.Settings(init_timeout=60, console="off", silent=True))
+        self.run.define_metric("train/step")
+        self.run.define_metric("train/*", step_metric="train/step")
+        self.run.define_metric("eval/epoch")
+        self.run.define_metric("eval/*", step_metric="eval/epoch")
+        if self.mode == "offline":
+            print(f"wandb: offline run files in {self.run.dir}; upload with `wandb sync {Path(self.run.dir).parent}`")
+
+    def _guard(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # a tracking failure must never stop training
+            warnings.warn(f"wandb {what} failed ({type(e).__name__}: {e}); W&B logging is off for this run",
+                          stacklevel=3)
+            self._close_quietly()
+            self.run = None
+
+    def _close_quietly(self):
+        try:
+            if self.run is not None:
+                self.run.finish(exit_code=1)
+        except Exception:
+            pass
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def log_step(self, step: int, row: dict) -> None:
+        if self.run:
+            self._guard("log", self.run.log, {"train/step": step, **{f"train/{k}": v for k, v in row.items()}})
+
+    def log_eval(self, epoch: int, row: dict) -> None:
+        if self.run:
+            self._guard("log", self.run.log, {"eval/epoch": epoch, **{f"eval/{k}": v for k, v in row.items()}})
+
+    def finish(self, summary: dict, table_row: list, artifacts: list[Path] = ()) -> None:
+        if self.run:
+            self._guard("finish", self._finish, summary, table_row, artifacts)
+
+    def _finish(self, summary, table_row, artifacts):
+        import wandb
+
+        self.run.summary.update(summary)
+        self.run.log({"results": wandb.Table(columns=TABLE_COLUMNS, data=[table_row])})
+        for path in artifacts:
+            art = wandb.Artifact(f"{self.run.id}-{path.name}", type="profile")
+            art.add_dir(str(path)) if path.is_dir() else art.add_file(str(path))
+            self.run.log_artifact(art)
+        self.run.finish()
+        self.run = None
