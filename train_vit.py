@@ -409,6 +409,7 @@ def main(argv=None):
 
     # ---- results -----------------------------------------------------------------------------
     timing = prof.summary()
+    replicas = replica_checksums(model, accelerator, zero_stage)
     e2e = reduce_max([time.time() - psutil.Process().create_time()], device)[0]
     train_skipped = int(accelerator.reduce(torch.tensor(train_skipped, device=device), reduction="sum").item())
     results = {
@@ -423,6 +424,7 @@ def main(argv=None):
         "mem": f"{timing['mem_used_gib']:.1f}/{timing['mem_total_gib']:.1f}" if "mem_used_gib" in timing else None,
         "fix_hp": args.fix_hp,
         "precision_in_effect": precision.in_effect(model, logits_dtype),
+        "replica_checksums": replicas,
         "evals": evals, "environment": env, "config": config,
     }
     if accelerator.is_main_process:
@@ -440,6 +442,20 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def replica_checksums(model, accelerator, zero_stage: int) -> list[str] | None:
+    """A digest of every rank's full weights (ZeRO 0-2 keep a full replica per rank): all equal, or a bug."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    if zero_stage == 3:
+        return None
+    h = hashlib.sha256()
+    for p in model.module.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return gather_object([h.hexdigest()[:16]])
 
 
 def loss_scale(engine):

@@ -1,6 +1,6 @@
 """Shard readers: the training stream and the exactly-once validation stream.
 
-Both yield batches as dicts {"images", "labels", "skipped"}; "skipped" counts corrupt samples the
+Both yield batches as dicts {"images", "labels", "keys", "skipped"}; "skipped" counts corrupt samples the
 producing worker dropped since its previous batch, so the count survives DataLoader worker processes.
 """
 
@@ -113,19 +113,20 @@ def _transformed(samples, transform, repeats: int, log: _SkipLog):
             log.drop(f"{sample.get('__url__')} key {sample.get('__key__')}", e)
             continue
         for _ in range(repeats):
-            yield transform(img), label
+            yield transform(img), label, sample["__key__"]
 
 
 def _batched(pairs, batch_size: int, log: _SkipLog, partial_last: bool):
-    images, labels = [], []
-    for img, label in pairs:
+    images, labels, keys = [], [], []
+    for img, label, key in pairs:
         images.append(img)
         labels.append(label)
+        keys.append(key)
         if len(images) == batch_size:
-            yield {"images": torch.stack(images), "labels": torch.tensor(labels), "skipped": log.take()}
-            images, labels = [], []
+            yield {"images": torch.stack(images), "labels": torch.tensor(labels), "keys": keys, "skipped": log.take()}
+            images, labels, keys = [], [], []
     if images and partial_last:
-        yield {"images": torch.stack(images), "labels": torch.tensor(labels), "skipped": log.take()}
+        yield {"images": torch.stack(images), "labels": torch.tensor(labels), "keys": keys, "skipped": log.take()}
 
 
 def _rank_worker_seed(rank: int) -> int:
@@ -156,7 +157,7 @@ def train_loader(shards: ShardSet, transform, batch_size: int, steps: int, *, ra
         wds.ResampledShards(shards.urls, seed=stream_seed, worker_seed=partial(_rank_worker_seed, rank),
                             deterministic=True),
         wds.tarfile_to_samples(handler=log.handler),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500)),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=wds.utils.make_seed(stream_seed, rank)),
         partial(_transformed, transform=transform, repeats=repeats, log=log),
         partial(_batched, batch_size=batch_size, log=log, partial_last=False),
     )

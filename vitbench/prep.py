@@ -214,6 +214,9 @@ def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_si
     if info.get("classes") not in (None, classes):
         raise PrepError(f"{info_path}: its class list differs from {src}'s; use --class-index or a new --out")
     (out / ".prep").mkdir(parents=True, exist_ok=True)
+    # Leftovers of an interrupted run: never complete, never listed, so remove them.
+    for stale in [*out.glob(f".{name}-{split}-*.tar.tmp*"), *(out / ".prep").glob(f".{name}-{split}-*.tmp*")]:
+        stale.unlink(missing_ok=True)
 
     shards = plan_shards(sources, shard_size, seed)
     names = [f"{name}-{split}-{i:04d}.tar" for i in range(len(shards))]

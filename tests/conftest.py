@@ -1,0 +1,73 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+
+# A ViT small enough for CPU tests: 32 px, patch 8 (16 tokens), 2 blocks.
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--model-kwargs", "depth=2",
+        "--precision", "fp32", "--workers", "1", "--aa", "", "--eval-batch-size", "16", "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """A small demo set: 10 classes x 12 train / 5 validation images; shards of 7 (uneven last shards)."""
+    from vitbench import demo
+
+    out = tmp_path_factory.mktemp("demo") / "shards"
+    demo.build(out, train_per_class=12, val_per_class=5, shard_size=7, progress=False)
+    return out
+
+
+def info(path: Path) -> dict:
+    return json.loads((Path(path) / "_info.json").read_text())
+
+
+def run_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True, **popen):
+    """`accelerate launch` train_vit.py on the CPU config (processes > 1) or plain python (1)."""
+    if processes == 1:
+        cmd = [str(BIN / "python"), str(REPO / "train_vit.py"), *args]
+    else:
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
+               "--num_processes", str(processes), str(REPO / "train_vit.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def results(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / "results.json").read_text())
+
+
+def _inspect(out_dir: Path, *flags) -> str:
+    """Read the run's offline W&B file back with wandb's own tooling (`wandb leet inspect`)."""
+    (run_dir,) = (Path(out_dir) / "wandb").glob("offline-run-*")
+    proc = subprocess.run([str(BIN / "wandb"), "leet", "inspect", *flags, "--json", str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def wandb_history(out_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in _inspect(out_dir).splitlines() if line.strip().startswith("{")]
+    return [r["history"]["item"] for r in records if r.get("type") == "history"]
+
+
+def wandb_summary(out_dir: Path) -> dict:
+    return json.loads(_inspect(out_dir, "--summary"))

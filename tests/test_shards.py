@@ -1,0 +1,221 @@
+"""Shard prep and readers on real tars with real webdataset."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from conftest import BIN, REPO, info
+
+from vitbench import data, demo, prep
+
+PREP = [str(BIN / "python"), str(REPO / "shards/prep_shards.py")]
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    demo.make_imagefolder(root, train_per_class=4, val_per_class=2, seed=3)
+    return root
+
+
+def tar_samples(path: Path) -> dict:
+    """Every sample of a shard directory, read with webdataset: key -> sample dict."""
+    out = {}
+    for shard in sorted(path.glob("*.tar")):
+        for s in wds.tariterators.tarfile_samples([{"url": str(shard)}]):
+            assert s["__key__"] not in out
+            out[s["__key__"]] = s
+    return out
+
+
+def test_round_trip_every_image_once_with_identical_bytes_and_label(imagefolder, tmp_path):
+    src = imagefolder / "train"
+    prep.prepare(src, tmp_path, "train", name="t", shard_size=3, workers=2, progress=False)
+    meta = info(tmp_path)
+    classes = sorted(d.name for d in src.iterdir())
+    assert meta["classes"] == classes and meta["num_classes"] == len(classes)
+    split = meta["splits"]["train"]
+    files = sorted(src.glob("*/*.JPEG"))
+    assert split["num_samples"] == len(files) == sum(split["shard_lengths"])
+    assert split["filenames"] == [f"t-train-{i:04d}.tar" for i in range(len(split["filenames"]))]
+    samples = tar_samples(tmp_path)
+    assert len(samples) == len(files)
+    by_path = {s["json"] and __import__("json").loads(s["json"])["path"]: s for s in samples.values()}
+    for f in files:
+        s = by_path[f"{f.parent.name}/{f.name}"]
+        assert s["jpg"] == f.read_bytes()
+        assert int(s["cls"]) == classes.index(f.parent.name)
+    # shuffled, deterministically by seed
+    order = [s["__key__"] for s in samples.values()]
+    assert order != sorted(order)
+
+
+def test_timm_wds_reader_reads_our_shards(imagefolder, tmp_path):
+    import timm.data
+
+    for split in ("train", "validation"):
+        prep.prepare(imagefolder / split, tmp_path, split, name="t", shard_size=5, workers=1, progress=False)
+    ds = timm.data.create_dataset("wds/t", root=str(tmp_path), split="validation", is_training=False, batch_size=1)
+    labels = [target for _, target in ds]
+    assert len(labels) == info(tmp_path)["splits"]["validation"]["num_samples"]
+    assert sorted(set(labels)) == list(range(info(tmp_path)["num_classes"]))
+
+
+def test_bad_files_are_skipped_listed_and_never_abort(imagefolder, tmp_path):
+    src = tmp_path / "src"
+    subprocess.run(["cp", "-r", str(imagefolder / "train"), str(src)], check=True)
+    good = sorted(src.glob("*/*.JPEG"))
+    truncated, text = good[0], good[1].with_name("notes.JPEG")
+    truncated.write_bytes(truncated.read_bytes()[: len(truncated.read_bytes()) // 2])
+    text.write_text("not an image")
+    proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train",
+                           "--shard-size", "4", "--workers", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    skipped = {s["path"] for s in info(tmp_path / "out")["splits"]["train"]["skipped"]}
+    expected = {f"{truncated.parent.name}/{truncated.name}", f"{text.parent.name}/{text.name}"}
+    assert skipped == expected
+    for path in expected:
+        assert path in proc.stdout
+    assert info(tmp_path / "out")["splits"]["train"]["num_samples"] == len(good) + 1 - 2
+
+
+def _flat_dir(p: Path) -> Path:
+    (p / "flat").mkdir()
+    (p / "flat" / "a.JPEG").write_bytes(b"x")
+    return p / "flat"
+
+
+def _empty_dir(p: Path) -> Path:
+    (p / "empty").mkdir()
+    return p / "empty"
+
+
+@pytest.mark.parametrize("make_src, message", [
+    (lambda p: p / "missing", "does not exist"),
+    (_empty_dir, "no class folders"),
+    (_flat_dir, "no class folders"),
+])
+def test_bad_source_is_a_clear_error_before_any_work(tmp_path, make_src, message):
+    src = make_src(tmp_path)
+    proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert str(src) in proc.stderr and message in proc.stderr
+    assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
+
+
+def test_prep_killed_with_sigkill_resumes_and_keeps_completed_shards(tmp_path):
+    src = tmp_path / "src"
+    demo.make_imagefolder(src, train_per_class=12, val_per_class=0, seed=5)
+    out = tmp_path / "out"
+    cmd = [*PREP, "--src", str(src / "train"), "--out", str(out), "--split", "train", "--shard-size", "2",
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / ".prep").glob("*.json"))) < 3:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name[:-5]: (out / p.name[:-5]).stat().st_mtime_ns for p in (out / ".prep").glob("*.json")}
+    assert 3 <= len(done_before) < 60, "the kill must land mid-run"
+    assert not (out / "_info.json").exists()
+
+    subprocess.run(cmd, check=True, capture_output=True)
+    for name, mtime in done_before.items():  # completed shards were kept, not rewritten
+        assert (out / name).stat().st_mtime_ns == mtime
+    assert not list(out.glob(".*.tmp*")), "no temporary shard may be left behind"
+    assert subprocess.run([*PREP, "--out", str(out), "--split", "train", "--verify"]).returncode == 0
+    samples = tar_samples(out)
+    assert len(samples) == 120 == info(out)["splits"]["train"]["num_samples"]
+
+
+def test_half_written_shard_is_rebuilt_and_verify_names_corrupt_shards(imagefolder, tmp_path):
+    prep.prepare(imagefolder / "train", tmp_path, "train", name="t", shard_size=5, workers=1, progress=False)
+    shards = sorted(tmp_path.glob("*.tar"))
+    # A shard truncated after its record was written: verify names it, a re-run rebuilds it.
+    shards[1].write_bytes(shards[1].read_bytes()[:1000])
+    proc = subprocess.run([*PREP, "--out", str(tmp_path), "--split", "train", "--verify"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and str(shards[1]) in proc.stderr
+    prep.prepare(imagefolder / "train", tmp_path, "train", name="t", shard_size=5, workers=1, progress=False)
+    assert prep.verify(tmp_path, "train") == []
+
+
+def _keys_of(loader):
+    keys = []
+    for batch in loader:
+        assert len(batch["keys"]) == len(batch["labels"]) == batch["images"].shape[0]
+        keys += batch["keys"]
+    return keys
+
+
+@pytest.mark.parametrize("world, workers", [(2, 2), (3, 4)])
+def test_validation_every_sample_exactly_once(demo_shards, world, workers):
+    val = data.load_split(demo_shards, "validation")
+    assert len(set(val.lengths)) > 1, "shards must be uneven for this test"
+    assert world * workers > 2 or world * workers > len(val.urls)
+    tf = data.eval_transform(32)
+    all_keys = []
+    for rank in range(world):
+        stream = data.ValidationStream(val, tf, batch_size=4, rank=rank, world_size=world, workers=workers)
+        keys = _keys_of(data.validation_loader(stream))
+        assert stream.batches_of_rank(rank) <= stream.max_batches_per_rank()
+        all_keys += keys
+    expected = [s["__key__"] for url in val.urls for s in wds.tariterators.tarfile_samples([{"url": url}])]
+    assert len(all_keys) == len(expected) == val.num_samples
+    assert sorted(all_keys) == sorted(expected)
+
+
+def test_train_stream_yields_promised_batches_per_rank(demo_shards):
+    train = data.load_split(demo_shards, "train")
+    tf = data.train_transform(32, None)
+    for rank in range(2):
+        loader = data.train_loader(train, tf, batch_size=6, steps=5, rank=rank, world_size=2, workers=2, seed=0,
+                                   epoch=0)
+        batches = list(loader)
+        assert len(batches) == 5
+        assert all(b["images"].shape == (6, 3, 32, 32) for b in batches)
+
+
+def test_train_stream_differs_per_rank_and_epoch_and_repeats_augmentation(demo_shards):
+    train = data.load_split(demo_shards, "train")
+    tf = data.train_transform(32, None)
+
+    def keys(rank, epoch, repeats=1):
+        loader = data.train_loader(train, tf, batch_size=6, steps=3, rank=rank, world_size=2, workers=0, seed=0,
+                                   epoch=epoch, repeats=repeats)
+        return _keys_of(loader)
+
+    assert keys(0, 0) == keys(0, 0)  # deterministic
+    assert keys(0, 0) != keys(1, 0) and keys(0, 0) != keys(0, 1)
+    loader = data.train_loader(train, tf, batch_size=6, steps=1, rank=0, world_size=1, workers=0, seed=0, epoch=0,
+                               repeats=3)
+    batch = next(iter(loader))
+    assert batch["keys"][0] == batch["keys"][1] == batch["keys"][2] != batch["keys"][3]
+    assert not (batch["images"][0] == batch["images"][1]).all(), "copies are augmented independently"
+
+
+def test_corrupt_sample_in_a_shard_is_skipped_counted_and_named(demo_shards, tmp_path):
+    """A shard whose second sample's JPEG is garbage: both readers skip it, warn with shard and key."""
+    src = data.load_split(demo_shards, "validation")
+    bad_shard = tmp_path / "bad-0000.tar"
+    samples = list(wds.tariterators.tarfile_samples([{"url": src.urls[0]}]))
+    with wds.TarWriter(str(bad_shard)) as tw:
+        for i, s in enumerate(samples):
+            tw.write({"__key__": s["__key__"], "jpg": b"garbage" if i == 1 else s["jpg"], "cls": s["cls"]})
+    shards = data.ShardSet("validation", [str(bad_shard)], [len(samples)], 10)
+    stream = data.ValidationStream(shards, data.eval_transform(32), batch_size=4, rank=0, world_size=1, workers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(data.validation_loader(stream))
+    assert sum(len(b["keys"]) for b in batches) == len(samples) - 1
+    assert sum(b["skipped"] for b in batches) == 1
+    assert any(str(bad_shard) in str(w.message) and samples[1]["__key__"] in str(w.message) for w in caught)
