@@ -323,6 +323,7 @@ def main(argv=None):
     loss_sum = torch.zeros((), device=device)  # device-side: no sync per step
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     logits_dtype, skipped_steps = None, model.skipped_steps
+    has_scaler = args.precision in ("amp", "fp16")  # without one, a skipped step is no excuse
     train_skipped, evals, final, done = 0, [], None, False
     model.train()
     prof.train_start()
@@ -356,7 +357,7 @@ def main(argv=None):
                 loss_sum += loss.detach()
             prof.step_end()
             logits_dtype = logits_dtype or logits.dtype
-            if model.skipped_steps == skipped_steps:  # a step the fp16 loss scaler skipped is its business
+            if not (has_scaler and model.skipped_steps != skipped_steps):  # a step the loss scaler skipped
                 bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
                 first_bad_step = torch.where(bad, state.step + 1, first_bad_step)
             skipped_steps = model.skipped_steps

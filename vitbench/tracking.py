@@ -35,7 +35,8 @@ class Tracker:
         os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / "cache"))
         self.run = wandb.init(project=project, entity=entity, name=name, group=group, config=config,
                               dir=str(self.run_dir), mode=self.mode, reinit="create_new",
-                              settings=wandb.Settings(init_timeout=60, console="off", silent=True))
+                              settings=wandb.Settings(console="off", silent=True,
+                                                     init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30))))
         self.run.define_metric("train/step")
         self.run.define_metric("train/*", step_metric="train/step")
         self.run.define_metric("eval/epoch")

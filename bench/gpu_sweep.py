@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""GPU sweep: ViT-B/16 for a bounded number of steps across precisions, ZeRO stages and torch.compile,
+one `python train_vit.py` process per configuration, then a table of p_core, p_train, MFU and memory
+read from each run's results.json. Sized for one GPU in under 10 minutes.
+
+    python bench/gpu_sweep.py                 # on a GPU machine (demo shards at 224 px as input)
+    python bench/gpu_sweep.py --cpu-smoke     # the same machinery on CPU with a tiny model
+
+Writes bench/out/gpu_sweep.md and bench/out/gpu_sweep.jsonl; prints the table last.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# (precision, ZeRO stage, compile): precisions at ZeRO-1, stages in bf16, compile in bf16 and tf32.
+GPU_CONFIGS = [("fp32", 1, False), ("tf32", 1, False), ("amp", 1, False), ("bf16", 1, False),
+               ("bf16", 0, False), ("bf16", 2, False), ("bf16", 1, True), ("tf32", 1, True)]
+CPU_CONFIGS = [("fp32", 0, False), ("fp32", 1, False), ("fp32", 2, False), ("bf16", 1, False)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny model, 3 steps: check the sweep runs on CPU")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    args = p.parse_args()
+
+    from vitbench import demo
+
+    shards = demo.build(progress=False)
+    if args.cpu_smoke:
+        configs, steps = CPU_CONFIGS, args.steps or 3
+        model = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--model-kwargs",
+                 "depth=2", "--batch-size", "8", "--global-batch-size", "8", "--workers", "1"]
+    else:
+        configs, steps = GPU_CONFIGS, args.steps or 40
+        model = ["--model", "vit_base_patch16_224", "--batch-size", str(args.batch_size), "--global-batch-size",
+                 str(args.batch_size), "--workers", str(args.workers)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for prec, stage, compile_ in configs:
+        name = f"{prec}_z{stage}{'_compile' if compile_ else ''}"
+        run_dir = args.out / "runs" / name
+        cmd = [sys.executable, str(REPO / "train_vit.py"), *model, "--data-dir", str(shards), "--precision", prec,
+               "--zero-stage", str(stage), "--max-steps", str(steps), "--log-interval", "10",
+               "--timing-warmup-steps", str(min(10, steps - 1)), "--eval-every", "1000", "--wandb", "off",
+               "--output-dir", str(run_dir), "--eval-batch-size", "250", *(["--compile"] if compile_ else [])]
+        t = time.time()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        row = {"config": name, "precision": prec, "zero_stage": stage, "compile": compile_,
+               "wall_s": round(time.time() - t, 1)}
+        if proc.returncode == 0:
+            r = json.loads((run_dir / "results.json").read_text())
+            row.update({k: r.get(k) for k in ("p_core", "p_train", "p_core_steady", "p_train_steady",
+                                              "mfu_core(%)", "mfu_train(%)", "mem_used_gib", "mem_total_gib",
+                                              "mem_max_allocated_gib", "mem_max_reserved_gib")})
+            row["device"] = r["environment"].get("device_name")
+        else:
+            row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out / "gpu_sweep.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    table = markdown(rows, steps)
+    (args.out / "gpu_sweep.md").write_text(table)
+    print(table)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def markdown(rows, steps) -> str:
+    def f(v, d=1):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    lines = [f"{steps} steps per configuration; steady = after the first warm-up steps.", "",
+             "| config | p_core | p_train | p_core steady | p_train steady | MFU core % | MFU train % | mem used/total GiB "
+             "| max allocated GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | error: {r['error']} ||||||||")
+            continue
+        lines.append(f"| {r['config']} | {f(r['p_core'])} | {f(r['p_train'])} | {f(r['p_core_steady'])} | "
+                     f"{f(r['p_train_steady'])} | {f(r['mfu_core(%)'])} | {f(r['mfu_train(%)'])} | "
+                     f"{f(r['mem_used_gib'])}/{f(r['mem_total_gib'])} | {f(r['mem_max_allocated_gib'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

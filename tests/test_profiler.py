@@ -1,0 +1,181 @@
+"""The profiler's metric math on a fake clock, and the FLOP/peak inputs of MFU."""
+
+import pytest
+
+from vitbench.profiler import StepProfiler, peak_tflops, train_flops_per_sample
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, s):
+        self.t += s
+
+
+class FakeEvent:
+    """A device event whose timestamp is the fake device clock, which runs `lag` behind the host."""
+
+    def __init__(self, device_clock):
+        self.device_clock = device_clock
+
+    def record(self):
+        self.t = self.device_clock()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1000.0
+
+
+def run_steps(prof, clock, n, data=1.0, compute=2.0, other=0.5):
+    for _ in range(n):
+        prof.data_start()
+        clock.advance(data)
+        prof.compute_start()
+        clock.advance(compute)
+        prof.step_end()
+        clock.advance(other)  # logging, scheduler: inside p_train's window, outside p_core's
+
+
+def test_windows_give_flagperf_metrics_and_the_invariant():
+    clock = FakeClock()
+    prof = StepProfiler(global_batch=8, world_size=2, warmup_steps=0, clock=clock)
+    prof.train_start()
+    run_steps(prof, clock, 4)
+    with prof.pause("eval"):
+        clock.advance(10.0)
+    run_steps(prof, clock, 4)
+    with prof.pause("checkpoint"):
+        clock.advance(3.0)
+    prof.train_end()
+    s = prof.summary()
+    samples = 8 * 8
+    assert s["train_samples"] == samples
+    assert s["train_time"] == pytest.approx(8 * 3.5 + 13.0)
+    assert s["eval_time"] == pytest.approx(10.0) and s["checkpoint_time"] == pytest.approx(3.0)
+    assert s["p_whole"] == pytest.approx(samples / (8 * 3.5 + 13.0))
+    assert s["p_train"] == pytest.approx(samples / (8 * 3.5))
+    assert s["p_core"] == pytest.approx(samples / (8 * 2.0))
+    assert s["data_wait_time"] == pytest.approx(8.0)
+    assert s["p_core"] >= s["p_train"] >= s["p_whole"]
+
+
+def test_warmup_steps_are_left_out_of_steady_figures_only():
+    clock = FakeClock()
+    prof = StepProfiler(global_batch=4, world_size=1, warmup_steps=2, clock=clock)
+    prof.train_start()
+    run_steps(prof, clock, 2, data=5.0, compute=20.0, other=0.0)  # slow first steps (compile, warm-up)
+    run_steps(prof, clock, 6, data=1.0, compute=2.0, other=0.0)
+    prof.train_end()
+    s = prof.summary()
+    assert s["p_core_steady"] == pytest.approx(6 * 4 / (6 * 2.0))
+    assert s["p_train_steady"] == pytest.approx(6 * 4 / (6 * 3.0))
+    assert s["p_core"] == pytest.approx(8 * 4 / (2 * 20.0 + 6 * 2.0))  # plain figures count every step
+    assert s["p_core_steady"] > s["p_core"]
+
+
+def test_device_events_time_compute_and_window_edges_synchronize():
+    """An async device: the host runs ahead; the compute windows come from events, and pauses and the
+    train end wait for the device (sync) so queued work is charged to training."""
+    host = FakeClock()
+    device_clock = FakeClock()
+    synced = []
+
+    def sync():  # the host waits until the device has finished what was queued
+        synced.append(host.t)
+        host.t = max(host.t, device_clock.t)
+
+    prof = StepProfiler(global_batch=2, world_size=1, warmup_steps=0, clock=host, synchronize=sync,
+                        make_event=lambda: FakeEvent(device_clock))
+    prof.train_start()
+    for _ in range(3):
+        prof.data_start()
+        host.advance(0.1)
+        device_clock.t = max(device_clock.t, host.t)
+        prof.compute_start()
+        device_clock.advance(4.0)  # the device works 4 s per step...
+        host.advance(0.01)  # ...while the host only queues launches
+        prof.step_end()
+    n_sync = len(synced)
+    with prof.pause("eval"):
+        pass
+    assert len(synced) > n_sync, "a pause must synchronize first"
+    prof.train_end()
+    s = prof.summary()
+    assert s["compute_time"] == pytest.approx(12.0)  # from events, not the 0.03 s of host time
+    assert s["p_core"] >= s["p_train"] >= s["p_whole"]
+
+
+def test_interval_rows_leave_pauses_out_and_take_the_slowest_rank():
+    clock = FakeClock()
+    reduced = []
+
+    def reduce_max(values):  # stands for the all-reduce: another rank waited 3x longer on data
+        reduced.append(list(values))
+        out = list(values)
+        out[0] *= 3
+        return out
+
+    prof = StepProfiler(global_batch=10, world_size=2, warmup_steps=0, clock=clock, reduce_max=reduce_max,
+                        memory_probe=lambda: {"memory/host_rss(GiB)": 1.5})
+    prof.train_start()
+    run_steps(prof, clock, 5, data=1.0, compute=3.0, other=0.0)
+    with prof.pause("eval"):
+        clock.advance(100.0)
+    row = prof.interval_row()
+    assert row["throughput(img/s)"] == pytest.approx(50 / 20.0)
+    assert row["throughput_per_device(img/s)"] == pytest.approx(50 / 20.0 / 2)
+    assert row["step_time(s)"] == pytest.approx(4.0)
+    assert row["data_wait(s)"] == pytest.approx(3.0)
+    assert row["data_wait(%)"] == pytest.approx(100 * 15.0 / 20.0)
+    assert row["memory/host_rss(GiB)"] == 1.5
+    run_steps(prof, clock, 2, data=0.0, compute=1.0, other=0.0)
+    assert prof.interval_row()["step_time(s)"] == pytest.approx(1.0)  # only steps since the previous row
+
+
+def test_resumed_launch_counts_only_its_own_steps():
+    """A resumed run's profiler starts empty: its throughput is this launch's samples over this launch's time."""
+    clock = FakeClock()
+    prof = StepProfiler(global_batch=4, world_size=1, warmup_steps=0, clock=clock)
+    clock.advance(500.0)  # restoring the checkpoint happens before train start
+    prof.train_start()
+    run_steps(prof, clock, 3, data=0.0, compute=1.0, other=0.0)
+    prof.train_end()
+    s = prof.summary()
+    assert s["train_samples"] == 12 and s["p_whole"] == pytest.approx(4.0)
+
+
+def test_mfu_uses_flops_and_the_device_peak():
+    clock = FakeClock()
+    prof = StepProfiler(global_batch=100, world_size=4, warmup_steps=0, clock=clock, flops_per_sample=1e12,
+                        peak_tflops_per_device=50.0)
+    prof.train_start()
+    run_steps(prof, clock, 2, data=0.0, compute=1.0, other=0.0)
+    row = prof.interval_row()
+    assert row["tflops_per_device"] == pytest.approx(100 * 1e12 / 1.0 / 4 / 1e12)
+    assert row["mfu(%)"] == pytest.approx(100 * 25.0 / 50.0)
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "amp") == 312.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA H200", "tf32") == 494.7
+    assert peak_tflops(None, "fp32") is None  # CPUs: no MFU rather than an invented peak
+
+
+def test_flop_counter_matches_vit_arithmetic():
+    """Forward of a ViT = 2 x MACs of its matmuls (patch embed, qkv, attention, projection, MLP, head);
+    training = 3 x forward, less the input gradient of the patch embedding (images need none)."""
+    import timm
+
+    depth, dim, mlp, img, patch, classes = 2, 192, 768, 32, 8, 10
+    tokens = (img // patch) ** 2 + 1
+    embed_macs = (img // patch) ** 2 * (3 * patch * patch) * dim
+    macs = embed_macs + depth * (tokens * 4 * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * mlp)
+    macs += dim * classes
+    flops = train_flops_per_sample(lambda: timm.create_model("vit_tiny_patch16_224", img_size=img, patch_size=patch,
+                                                             depth=depth, num_classes=classes), img)
+    assert flops == pytest.approx(3 * 2 * macs - 2 * embed_macs, rel=0.001)

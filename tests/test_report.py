@@ -1,0 +1,67 @@
+"""report.py: the seed's table from recorded results files (golden text), charts, the W&B workspace."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import BIN, REPO
+
+from vitbench import reporting
+
+DATA = Path(__file__).parent / "data" / "results"
+GOLDEN = Path(__file__).parent / "golden"
+RUNS = [DATA / "a100_1x8.json", DATA / "a100_1x1.json", DATA / "a100_2x8.json"]
+
+
+def report(*args):
+    return subprocess.run([str(BIN / "python"), str(REPO / "report.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": str(BIN)})
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_table_matches_golden_text(lang):
+    proc = report(*RUNS, "--lang", lang)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (GOLDEN / f"report_{lang}.md").read_text()
+
+
+def test_config_labels_follow_the_seed():
+    r = {"nnodes": 2, "nproc_per_node": 8, "environment": {"device_type": "cuda", "device_name": "NVIDIA H200"}}
+    assert reporting.config_label(r) == "H200两机8卡(2x8)"
+    assert reporting.config_label({**r, "nnodes": 1, "nproc_per_node": 1}) == "H200单机单卡(1x1)"
+    assert reporting.config_label({**r, "nnodes": 4}, "en") == "H200 4 nodes x 8 devices (4x8)"
+
+
+def test_scaling_efficiency_only_against_the_same_workload():
+    results = reporting.load_results(RUNS)
+    eff = reporting.scaling_efficiency(results)
+    assert eff[0] == f"{100 * 5316.4 / (1144.2 * 8):.1f}%"
+    assert eff[2] == "/"  # 2x8 ran another micro-batch: no like-for-like 1x1 row
+
+
+def test_plots_are_written(tmp_path):
+    proc = report(*RUNS, "--plots", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("throughput.png", "breakdown.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_missing_results_is_a_clear_error(tmp_path):
+    proc = report(tmp_path)
+    assert proc.returncode == 2 and f"{tmp_path}/results.json: no results.json" in proc.stderr
+
+
+def test_workspace_is_built_with_the_standard_panels_without_sending():
+    ws = reporting.build_workspace("my-team/vitbench")
+    assert (ws.entity, ws.project) == ("my-team", "vitbench")
+    names = [s.name for s in ws.sections]
+    assert names[:6] == list(reporting.WORKSPACE_SECTIONS)
+    plotted = {y for s in ws.sections for p in s.panels for y in (getattr(p, "y", None) or [])}
+    expected = {k for panels in reporting.WORKSPACE_SECTIONS.values() for _, keys in panels for k in keys}
+    assert plotted == expected
+    accuracy = next(s for s in ws.sections if s.name == "Accuracy")
+    assert all(p.x == "eval/epoch" for p in accuracy.panels)
+    ws._to_model()  # the view W&B would receive serializes
+    with pytest.raises(ValueError, match="ENTITY/PROJECT"):
+        reporting.build_workspace("no-slash")

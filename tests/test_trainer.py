@@ -1,0 +1,189 @@
+"""train_vit.py end to end: real `accelerate launch`, real DeepSpeed (gloo on CPU), real W&B offline files."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import BIN, REPO, TINY, info, launch, results, run_env, wandb_history, wandb_summary
+
+from vitbench import checkpoint
+from vitbench.reporting import WORKSPACE_SECTIONS
+
+pytestmark = pytest.mark.slow
+
+
+def common(demo_shards, out, *extra):
+    return [*TINY, "--data-dir", str(demo_shards), "--output-dir", str(out), "--batch-size", "8",
+            "--global-batch-size", "16", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--lr", "2e-3",
+            "--warmup-epochs", "0.5", "--log-interval", "2", "--timing-warmup-steps", "2", *extra]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["zero1", "zero2"])
+def two_rank_run(request, demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"zero{request.param}") / "run"
+    launch(common(demo_shards, out, "--zero-stage", str(request.param), "--epochs", "2", "--wandb", "offline"))
+    return request.param, out
+
+
+def test_two_ranks_train_identical_replicas_and_evaluate_every_sample(two_rank_run, demo_shards):
+    stage, out = two_rank_run
+    r = results(out)
+    assert r["zero_stage"] == stage and r["world_size"] == 2 and r["global_batch_size"] == 16
+    assert r["global_step"] == 2 * (120 // 16)
+    assert len(r["replica_checksums"]) == 2 and len(set(r["replica_checksums"])) == 1
+    assert r["eval_samples"] == info(demo_shards)["splits"]["validation"]["num_samples"]
+    assert all(e["samples"] == r["eval_samples"] for e in r["evals"])
+    losses = [row["train/loss"] for row in wandb_history(out) if "train/loss" in row]
+    assert sum(losses[-2:]) < sum(losses[:2]), f"the loss must fall: {losses}"
+    assert r["final_acc1"] > 10.0 * 1.5  # chance is 10% on the 10 demo classes
+    eff = r["precision_in_effect"]
+    assert eff["param_dtype"] == "torch.float32" and eff["logits_dtype"] == "torch.float32"
+    assert not eff["tf32_matmul"] and not eff["tf32_cudnn"] and eff["autocast_dtype"] is None
+
+
+def test_results_hold_the_six_metrics_and_the_invariant(two_rank_run):
+    _, out = two_rank_run
+    r = results(out)
+    for key in ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem_used_gib", "mem_total_gib",
+                "p_whole_steady", "p_train_steady", "p_core_steady"):
+        assert r[key] is not None and r[key] > 0, key
+    assert r["p_core"] >= r["p_train"] >= r["p_whole"]
+    assert r["p_core_steady"] >= r["p_train_steady"] >= r["p_whole_steady"]
+    assert r["e2e_time"] > r["train_time"] > r["eval_time"] > 0
+    assert r["mem"] == f"{r['mem_used_gib']:.1f}/{r['mem_total_gib']:.1f}" and "CPU" in r["mem_source"]
+    env = r["environment"]
+    for key in ("torch", "deepspeed", "accelerate", "timm", "device_name", "git_commit"):
+        assert key in env
+    assert r["config"]["deepspeed_config"]["timers"]["throughput"]["enabled"] is False
+
+
+def test_wandb_offline_files_hold_step_rows_and_summary(two_rank_run):
+    stage, out = two_rank_run
+    if stage != 1:
+        pytest.skip("one run is enough")
+    rows = [row for row in wandb_history(out) if "train/step" in row]
+    assert [row["train/step"] for row in rows] == list(range(2, 2 * (120 // 16) + 1, 2))
+    for key in ("train/throughput(img/s)", "train/throughput_per_device(img/s)", "train/step_time(s)",
+                "train/data_wait(%)", "train/tflops_per_device", "train/memory/host_rss(GiB)", "train/lr",
+                "train/grad_norm", "train/loss"):
+        assert all(key in row for row in rows), key
+    summary = wandb_summary(out)
+    r = results(out)
+    for key in ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem_used_gib"):
+        assert summary["summary"][key] == pytest.approx(r[key]), key
+    assert summary["summary"]["results"]["_type"] == "table-file"
+    assert summary["config"]["zero_stage"] == 1 and summary["state"] == "finished"
+    # The dashboard's panels plot series this run really logged (MFU, device memory and loss scale
+    # exist only on GPUs / in fp16).
+    logged = set().union(*rows, *wandb_history(out))
+    gpu_only = {"train/mfu(%)", "train/memory/max_allocated(GiB)", "train/memory/max_reserved(GiB)",
+                "train/memory/device_used(GiB)", "train/loss_scale"}
+    for panels in WORKSPACE_SECTIONS.values():
+        for _, keys in panels:
+            for key in keys:
+                assert key in logged or key in gpu_only, key
+
+
+def test_killed_run_resumes_from_newest_complete_checkpoint(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    args = common(demo_shards, out, "--max-steps", "12", "--checkpoint-every", "2", "--keep-checkpoints", "3",
+                  "--epochs", "3", "--wandb", "off")
+    proc = subprocess.Popen([str(BIN / "python"), str(REPO / "train_vit.py"), *args], cwd=REPO, env=run_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint.complete_checkpoints(out / "checkpoints"):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = checkpoint.complete_checkpoints(out / "checkpoints")
+    assert saved and saved[-1][0] < 12, "the kill must land mid-run"
+    newest = saved[-1][0]
+    # What a SIGKILL during a save leaves behind must be ignored: a .tmp folder, a folder without marker.
+    shutil.copytree(saved[-1][1], out / "checkpoints" / "step_00000011.tmp")
+    (out / "checkpoints" / "step_00000011.tmp" / checkpoint.MARKER).unlink()
+    shutil.copytree(out / "checkpoints" / "step_00000011.tmp", out / "checkpoints" / "step_00000010")
+
+    launch([*args, "--resume", "auto"], processes=1)
+    r = results(out)
+    assert r["resumed_from_step"] == newest
+    assert r["global_step"] == 12
+    assert r["train_samples"] == (12 - newest) * 16  # throughput counts only this launch's steps
+    assert r["epochs_done"] == 12 // (120 // 16)
+    assert checkpoint.complete_checkpoints(out / "checkpoints")[-1][0] == 12
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_two_machines_in_miniature(demo_shards, tmp_path):
+    """2 machines x 1 process: two `accelerate launch` commands, machine_rank 0 and 1, main on 127.0.0.1."""
+    from vitbench.runinfo import free_port
+
+    out, port = tmp_path / "run", str(free_port())
+    procs = [subprocess.Popen(
+        [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", port, str(REPO / "train_vit.py"),
+         *common(demo_shards, out, "--max-steps", "3", "--wandb", "off", "--run-name", "mini2x1")],
+        cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    r = results(out)
+    assert (r["nnodes"], r["nproc_per_node"], r["world_size"]) == (2, 1, 2)
+    assert r["global_step"] == 3 and len(set(r["replica_checksums"])) == 1
+
+
+def test_bf16_runs_bf16(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    launch(common(demo_shards, out, "--precision", "bf16", "--max-steps", "2", "--model-kwargs", "depth=1",
+                  "--wandb", "off"), processes=1)
+    eff = results(out)["precision_in_effect"]
+    assert eff["param_dtype"] == "torch.bfloat16" and eff["logits_dtype"] == "torch.bfloat16"
+    assert results(out)["config"]["deepspeed_config"]["bf16"]["enabled"] is True
+
+
+def test_wandb_failure_warns_once_and_training_goes_on(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    env = run_env(WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="3")
+    env.pop("WANDB_MODE")
+    proc = subprocess.run([str(BIN / "python"), str(REPO / "train_vit.py"),
+                           *common(demo_shards, out, "--max-steps", "2", "--wandb", "online")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("W&B logging is off for this run") == 1
+    assert results(out)["global_step"] == 2
+
+
+def test_non_finite_loss_stops_and_names_the_step(demo_shards, tmp_path):
+    proc = launch(common(demo_shards, tmp_path / "run", "--lr", "1e30", "--max-steps", "8", "--log-interval", "1",
+                         "--wandb", "off"), processes=1, check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss at step" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "vit_nonexistent"], "unknown model 'vit_nonexistent'"),
+    (["--global-batch-size", "20"], "not a multiple of --batch-size 8"),
+    (["--precision", "tf32"], "--precision tf32 needs an NVIDIA GPU"),
+    (["--data-dir", "/nonexistent"], "/nonexistent/_info.json: not found"),
+    (["--deepspeed-config", "BADCFG"], "gradient_accumulation_steps=4 contradicts the flags"),
+])
+def test_bad_input_is_one_clear_message_before_heavy_work(demo_shards, tmp_path, flags, message):
+    bad_cfg = tmp_path / "ds.json"
+    bad_cfg.write_text('{"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 4}')
+    flags = [str(bad_cfg) if f == "BADCFG" else f for f in flags]
+    out = tmp_path / "run"
+    proc = launch([*common(demo_shards, out, "--wandb", "off"), *flags], processes=1, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists(), "nothing may be started for bad input"
+
+
+def test_demo_trains_well_above_chance(tmp_path):
+    """`make demo`'s run, shortened to two epochs, under the 2-process CPU launch config."""
+    out = tmp_path / "demo"
+    launch(["--demo", "--epochs", "2", "--output-dir", str(out)])
+    r = results(out)
+    assert r["final_acc1"] > 50.0  # chance: 10%
+    assert r["eval_samples"] == r["val_num_samples"] == 200
