@@ -188,7 +188,7 @@ def reduce_max(values, device):
 # Evaluation: every validation sample exactly once across ranks
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, stream, accelerator, in_dtype, lockstep: bool) -> dict:
+def evaluate(model, stream, accelerator, in_dtype, img_size: int, lockstep: bool) -> dict:
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, count, skipped
     batches = 0
@@ -206,8 +206,7 @@ def evaluate(model, stream, accelerator, in_dtype, lockstep: bool) -> dict:
         ])
         batches += 1
     if lockstep:  # ZeRO-3 gathers parameters inside forward: every rank must run as many forwards
-        pad = torch.zeros(1, 3, *x.shape[2:] if batches else (stream.img_size, stream.img_size),
-                          dtype=in_dtype, device=accelerator.device)
+        pad = torch.zeros(1, 3, img_size, img_size, dtype=in_dtype, device=accelerator.device)
         for _ in range(stream.max_batches_per_rank() - batches):
             model(pad)  # outputs discarded: padding is never counted
     sums = accelerator.reduce(sums, reduction="sum")
@@ -292,7 +291,6 @@ def main(argv=None):
     train_tf = data.train_transform(img_size, args.aa or None)
     val_stream = data.ValidationStream(val_shards, data.eval_transform(img_size), args.eval_batch_size, rank, world,
                                        args.workers)
-    val_stream.img_size = img_size
     pin = device.type == "cuda"
 
     # ---- profiler and tracking ---------------------------------------------------------------
@@ -306,7 +304,7 @@ def main(argv=None):
                         make_event=partial(event_cls, enable_timing=True) if event_cls else None,
                         reduce_max=partial(reduce_max, device=device), flops_per_sample=flops_per_sample,
                         peak_tflops_per_device=peak, memory_probe=process_memory_probe(device))
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config.update(lr=lr, zero_stage=zero_stage, grad_accum_steps=grad_accum, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, deepspeed_config=ds_config, flops_per_sample=flops_per_sample,
                   peak_tflops_per_device=peak, **lay)
@@ -396,7 +394,7 @@ def main(argv=None):
             state.step_in_epoch = 0
         if (state.step_in_epoch == 0 and state.epoch % args.eval_every == 0) or state.step >= total_steps:
             with prof.pause("eval"):
-                final = evaluate(model, val_stream, accelerator, in_dtype, lockstep=zero_stage == 3)
+                final = evaluate(model, val_stream, accelerator, in_dtype, img_size, lockstep=zero_stage == 3)
             evals.append({"epoch": state.epoch, "step": state.step, **final})
             tracker.log_eval(state.epoch, final)
             accelerator.print(f"eval epoch {state.epoch} step {state.step}: top-1 {final['acc1']:.2f}  "

@@ -117,16 +117,22 @@ def _transformed(samples, transform, repeats: int, log: _SkipLog):
 
 
 def _batched(pairs, batch_size: int, log: _SkipLog, partial_last: bool):
+    # default_collate stacks straight into shared memory inside a DataLoader worker, saving the copy
+    # that sending a plain torch.stack result to the main process would make.
+    from torch.utils.data import default_collate
+
     images, labels, keys = [], [], []
     for img, label, key in pairs:
         images.append(img)
         labels.append(label)
         keys.append(key)
         if len(images) == batch_size:
-            yield {"images": torch.stack(images), "labels": torch.tensor(labels), "keys": keys, "skipped": log.take()}
+            yield {"images": default_collate(images), "labels": torch.tensor(labels), "keys": keys,
+                   "skipped": log.take()}
             images, labels, keys = [], [], []
     if images and partial_last:
-        yield {"images": torch.stack(images), "labels": torch.tensor(labels), "keys": keys, "skipped": log.take()}
+        yield {"images": default_collate(images), "labels": torch.tensor(labels), "keys": keys,
+                   "skipped": log.take()}
 
 
 def _rank_worker_seed(rank: int) -> int:
