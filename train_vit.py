@@ -318,7 +318,7 @@ def main(argv=None):
                       f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
 
     # ---- the loop ----------------------------------------------------------------------------
-    loss_sum = torch.zeros((), device=device)  # device-side: no sync per step
+    loss_sum, loss_terms = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     logits_dtype, skipped_steps = None, model.skipped_steps
     has_scaler = args.precision in ("amp", "fp16")  # without one, a skipped step is no excuse
@@ -353,8 +353,11 @@ def main(argv=None):
                     loss = train_loss(logits.float(), y)
                     accelerator.backward(loss)
                 loss_sum += loss.detach()
+                loss_terms += 1
             prof.step_end()
-            logits_dtype = logits_dtype or logits.dtype
+            if logits_dtype is None:  # first step of this launch: is the precision what its label says?
+                logits_dtype = logits.dtype
+                precision.verify(args.precision, precision.in_effect(model, logits_dtype))
             if not (has_scaler and model.skipped_steps != skipped_steps):  # a step the loss scaler skipped
                 bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
                 first_bad_step = torch.where(bad, state.step + 1, first_bad_step)
@@ -368,14 +371,12 @@ def main(argv=None):
                 trace_dir.mkdir(parents=True, exist_ok=True)
                 torch_prof.export_chrome_trace(str(trace_dir / f"trace_rank{rank}.json"))
                 torch_prof = None
-            if state.step == 1:
-                precision.verify(args.precision, precision.in_effect(model, logits_dtype))
 
             if state.step % args.log_interval == 0 or state.step == total_steps:
                 row = prof.interval_row()
-                steps_in_row = (state.step - 1) % args.log_interval + 1
-                row["loss"] = accelerator.reduce(loss_sum, reduction="mean").item() / (steps_in_row * grad_accum)
+                row["loss"] = accelerator.reduce(loss_sum, reduction="mean").item() / loss_terms
                 loss_sum.zero_()
+                loss_terms = 0
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 grad_norm = model.get_global_grad_norm()
                 row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
@@ -403,8 +404,7 @@ def main(argv=None):
                 accelerator.print(f"reached target top-1 {args.target_acc1}")
                 done = True
     prof.train_end()
-    with prof.pause("checkpoint"):
-        checkpoint.save(accelerator, ckpt_dir, state.step, args.keep_checkpoints, {"epoch": state.epoch})
+    checkpoint.save(accelerator, ckpt_dir, state.step, args.keep_checkpoints, {"epoch": state.epoch})
 
     # ---- results -----------------------------------------------------------------------------
     timing = prof.summary()
