@@ -86,6 +86,17 @@ def test_wandb_offline_files_hold_step_rows_and_summary(two_rank_run):
                 assert key in logged or key in gpu_only, key
 
 
+def test_zero3_evaluation_keeps_ranks_in_lockstep(demo_shards, tmp_path):
+    """3 ranks over 50 validation images in batches of 16: 16/17/17 images, so 1 or 2 batches per rank.
+    ZeRO-3 gathers parameters inside every forward, so the short rank must pad (uncounted) or all hang."""
+    out = tmp_path / "run"
+    launch(common(demo_shards, out, "--zero-stage", "3", "--global-batch-size", "24", "--max-steps", "2",
+                  "--wandb", "off"), processes=3, timeout=600)
+    r = results(out)
+    assert r["zero_stage"] == 3 and r["world_size"] == 3
+    assert r["eval_samples"] == info(demo_shards)["splits"]["validation"]["num_samples"] == 50
+
+
 def test_killed_run_resumes_from_newest_complete_checkpoint(demo_shards, tmp_path):
     out = tmp_path / "run"
     args = common(demo_shards, out, "--max-steps", "12", "--checkpoint-every", "2", "--keep-checkpoints", "3",
