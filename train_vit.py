@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from vitbench.profiler import StepProfiler, peak_tflops, process_memory_probe, t
 from vitbench.tracking import Tracker
 
 REPO = Path(__file__).resolve().parent
+# torch.distributed's deprecation notice for a call inside DeepSpeed, printed on every rank.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
 DEFAULT_DATA_DIR = os.environ.get("VITBENCH_DATA_DIR", "/data/imagenet-wds")
 
 # FlagPerf's recipe flags: any that a run changes is listed in its `fix_hp` column.
@@ -305,7 +307,8 @@ def main(argv=None):
                         reduce_max=partial(reduce_max, device=device), flops_per_sample=flops_per_sample,
                         peak_tflops_per_device=peak, memory_probe=process_memory_probe(device))
     config = dict(vars(args))
-    config.update(lr=lr, zero_stage=zero_stage, grad_accum_steps=grad_accum, steps_per_epoch=steps_per_epoch,
+    attn = getattr(getattr(model.module, "blocks", [None])[0], "attn", None)
+    config.update(fused_attn=getattr(attn, "fused_attn", None), lr=lr, zero_stage=zero_stage, grad_accum_steps=grad_accum, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, deepspeed_config=ds_config, flops_per_sample=flops_per_sample,
                   peak_tflops_per_device=peak, **lay)
     tracker = Tracker(args.wandb, enabled=accelerator.is_main_process, run_dir=out_dir, project=args.wandb_project,

@@ -1,6 +1,7 @@
 """Shard prep and readers on real tars with real webdataset."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def test_round_trip_every_image_once_with_identical_bytes_and_label(imagefolder,
     assert split["filenames"] == [f"t-train-{i:04d}.tar" for i in range(len(split["filenames"]))]
     samples = tar_samples(tmp_path)
     assert len(samples) == len(files)
-    by_path = {s["json"] and __import__("json").loads(s["json"])["path"]: s for s in samples.values()}
+    by_path = {json.loads(s["json"])["path"]: s for s in samples.values()}
     for f in files:
         s = by_path[f"{f.parent.name}/{f.name}"]
         assert s["jpg"] == f.read_bytes()
@@ -183,6 +184,31 @@ def test_train_stream_yields_promised_batches_per_rank(demo_shards):
         batches = list(loader)
         assert len(batches) == 5
         assert all(b["images"].shape == (6, 3, 32, 32) for b in batches)
+
+
+def test_train_stream_reads_a_brace_pattern(demo_shards):
+    n = len(data.load_split(demo_shards, "train").urls)
+    pattern = f"{demo_shards}/demo-train-{{0000..{n - 1:04d}}}.tar"
+    batches = list(data.train_loader(pattern, data.train_transform(32, None), batch_size=4, steps=3, rank=0,
+                                     world_size=1, workers=0, seed=0, epoch=0))
+    assert len(batches) == 3 and all(len(b["keys"]) == 4 for b in batches)
+
+
+def test_max_side_shrinks_only_larger_images(imagefolder, tmp_path):
+    from PIL import Image
+
+    prep.prepare(imagefolder / "train", tmp_path, "train", name="t", shard_size=50, workers=1, max_side=400,
+                 progress=False)
+    for s in tar_samples(tmp_path).values():
+        meta = json.loads(s["json"])
+        original = (imagefolder / "train" / meta["path"]).read_bytes()
+        with Image.open(imagefolder / "train" / meta["path"]) as im:
+            w, h = im.size
+        if max(w, h) > 400:
+            assert max(meta["width"], meta["height"]) == 400 and s["jpg"] != original
+            assert Image.open(io.BytesIO(s["jpg"])).size == (meta["width"], meta["height"])
+        else:
+            assert s["jpg"] == original and (meta["width"], meta["height"]) == (w, h)
 
 
 def test_train_stream_differs_per_rank_and_epoch_and_repeats_augmentation(demo_shards):

@@ -59,6 +59,7 @@ def test_results_hold_the_six_metrics_and_the_invariant(two_rank_run):
     for key in ("torch", "deepspeed", "accelerate", "timm", "device_name", "git_commit"):
         assert key in env
     assert r["config"]["deepspeed_config"]["timers"]["throughput"]["enabled"] is False
+    assert r["config"]["fused_attn"] is True  # timm's ViT attention runs through PyTorch SDPA
 
 
 def test_wandb_offline_files_hold_step_rows_and_summary(two_rank_run):
@@ -144,10 +145,18 @@ def test_two_machines_in_miniature(demo_shards, tmp_path):
     assert r["global_step"] == 3 and len(set(r["replica_checksums"])) == 1
 
 
-def test_bf16_runs_bf16(demo_shards, tmp_path):
+def test_bf16_runs_bf16_and_wandb_without_credentials_goes_offline(demo_shards, tmp_path):
     out = tmp_path / "run"
-    launch(common(demo_shards, out, "--precision", "bf16", "--max-steps", "2", "--model-kwargs", "depth=1",
-                  "--wandb", "off"), processes=1)
+    env = run_env(HOME=str(tmp_path / "home"))
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        env.pop(key, None)
+    proc = subprocess.run([str(BIN / "python"), str(REPO / "train_vit.py"),
+                           *common(demo_shards, out, "--precision", "bf16", "--max-steps", "2", "--model-kwargs",
+                                   "depth=1", "--wandb", "online")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no credentials found, logging offline" in proc.stdout and "wandb sync" in proc.stdout
+    assert wandb_summary(out)["summary"]["p_core"] == pytest.approx(results(out)["p_core"])
     eff = results(out)["precision_in_effect"]
     assert eff["param_dtype"] == "torch.bfloat16" and eff["logits_dtype"] == "torch.bfloat16"
     assert results(out)["config"]["deepspeed_config"]["bf16"]["enabled"] is True

@@ -152,15 +152,16 @@ def _seed_worker(base_seed: int, worker_id: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_loader(shards: ShardSet, transform, batch_size: int, steps: int, *, rank: int, world_size: int,
+def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int, *, rank: int, world_size: int,
                  workers: int, seed: int, epoch: int, repeats: int = 1, shuffle_buffer: int = 2000,
                  pin_memory: bool = False):
     """An epoch of `steps` batches of this rank, read from shards resampled per rank and worker, so no
-    rank or worker ever runs dry (and none waits on another in a collective)."""
+    rank or worker ever runs dry (and none waits on another in a collective). `shards` is a split from
+    `_info.json` or a brace pattern such as "/data/imagenet1k-train-{0000..1023}.tar"."""
     log = _SkipLog()
     stream_seed = wds.utils.make_seed(seed, epoch, world_size)
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(shards.urls, seed=stream_seed, worker_seed=partial(_rank_worker_seed, rank),
+        wds.ResampledShards(shards if isinstance(shards, str) else shards.urls, seed=stream_seed, worker_seed=partial(_rank_worker_seed, rank),
                             deterministic=True),
         wds.tarfile_to_samples(handler=log.handler),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=wds.utils.make_seed(stream_seed, rank)),
