@@ -78,3 +78,18 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     assert checkpoint.resolve_resume("", tmp_path) is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         checkpoint.resolve_resume(str(tmp_path / "step_00000012"), tmp_path)
+
+
+@pytest.mark.parametrize("name, machines, processes", [("1x1", 1, 1), ("1x8", 1, 8), ("2x8", 2, 16),
+                                                        ("cpu_1x2", 1, 2)])
+def test_committed_launch_configs_load_as_accelerate_reads_them(name, machines, processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from vitbench.dsconfig import DS_CONFIG_DIR
+
+    cfg = load_config_from_file(str(DS_CONFIG_DIR.parent / "accelerate_configs" / f"{name}.yaml"))
+    assert cfg.distributed_type == "DEEPSPEED" and not cfg.use_cpu
+    assert (cfg.num_machines, cfg.num_processes) == (machines, processes)
+    assert (DS_CONFIG_DIR.parent / cfg.deepspeed_config["deepspeed_config_file"]).is_file()
+    if machines > 1:  # torchrun on every node: no ssh/pdsh
+        assert cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard"

@@ -89,8 +89,8 @@ def markdown_table(results: list[dict], lang: str = "zh") -> str:
 
 
 def plots(results: list[dict], out_dir: Path, lang: str = "en") -> list[Path]:
-    """throughput.png (p_whole / p_train / p_core per config) and breakdown.png (seconds per image spent
-    on data wait, compute and evaluation)."""
+    """throughput.png (p_whole / p_train / p_core per config) and breakdown.png (milliseconds per optimizer
+    step spent on compute, data wait, evaluation and the rest)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,8 +115,15 @@ def plots(results: list[dict], out_dir: Path, lang: str = "en") -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(results)), 4))
     bottom = [0.0] * len(results)
-    for key, name in [("compute_time", "compute"), ("data_wait_time", "data wait"), ("eval_time", "evaluation")]:
-        vals = [1000 * (r.get(key) or 0) * r["global_batch_size"] / max(r.get("train_samples") or 1, 1) for r in results]
+    windows = ("compute_time", "data_wait_time", "eval_time")
+    seconds = {key: [r.get(key) or 0.0 for r in results] for key in windows}
+    # The rest of the train window: checkpoint saves, logging, host overhead.
+    seconds["other"] = [max(0.0, (r.get("train_time") or 0.0) - sum(r.get(k) or 0.0 for k in windows)) for r in results]
+    names = {"compute_time": "compute", "data_wait_time": "data wait", "eval_time": "evaluation",
+             "other": "other (checkpoints, logging)"}
+    for key, name in names.items():
+        vals = [1000 * t * r["global_batch_size"] / max(r.get("train_samples") or 1, 1)
+                for t, r in zip(seconds[key], results)]
         ax.bar(list(xs), vals, 0.5, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_xticks(list(xs), labels, fontsize=8)
