@@ -170,7 +170,7 @@ def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int,
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                            worker_init_fn=partial(_seed_worker, wds.utils.make_seed(stream_seed, rank)),
-                           persistent_workers=False, prefetch_factor=4 if workers else None)
+                           persistent_workers=False, prefetch_factor=2 if workers else None)
     return loader.with_epoch(steps)
 
 
