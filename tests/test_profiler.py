@@ -60,6 +60,7 @@ def test_windows_give_flagperf_metrics_and_the_invariant():
     assert s["p_core"] == pytest.approx(samples / (8 * 2.0))
     assert s["data_wait_time"] == pytest.approx(8.0)
     assert s["p_core"] >= s["p_train"] >= s["p_whole"]
+    assert (s["p_whole_steady"], s["p_train_steady"], s["p_core_steady"]) == (s["p_whole"], s["p_train"], s["p_core"])
 
 
 def test_warmup_steps_are_left_out_of_steady_figures_only():

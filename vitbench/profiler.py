@@ -80,7 +80,7 @@ class StepProfiler:
         self.data_wait = self.compute = 0.0
         self._pending = []  # (step, start_event, end_event) not yet resolved
         self._free_events = []
-        self._steady = None  # totals at the end of warm-up: (t, steps, paused, compute)
+        self._steady = None  # (clock, steps, paused) when warm-up ended
         self._steady_compute = 0.0
         self._row = None  # totals at the previous row
         self.mem_peak: dict[str, float] = {}  # max over ranks and over probes
@@ -90,6 +90,8 @@ class StepProfiler:
         self.sync()
         self.train_start_t = self.clock()
         self._row = self._totals(self.train_start_t)
+        if self.warmup_steps == 0:
+            self._steady = (self.train_start_t, 0, 0.0)
 
     def train_end(self) -> None:
         self._resolve()
@@ -118,7 +120,7 @@ class StepProfiler:
             self._add_compute(self.steps, self.clock() - self._compute_t)
         if self.steps == self.warmup_steps:
             self._resolve()
-            self._steady = (self.clock(), self.steps, self.paused_total, self.compute)
+            self._steady = (self.clock(), self.steps, self.paused_total)
 
     @contextmanager
     def pause(self, kind: str):
@@ -198,7 +200,7 @@ class StepProfiler:
         vals = [train, train - self.paused_total, self.compute, self.data_wait]
         steady_samples = 0
         if self._steady is not None and self.steps > self.warmup_steps:
-            t0, s0, paused0, _ = self._steady
+            t0, s0, paused0 = self._steady
             steady_samples = (self.steps - s0) * self.global_batch
             steady_train = end - t0
             vals += [steady_train, steady_train - (self.paused_total - paused0), self._steady_compute]
