@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 # (precision, ZeRO stage, compile): precisions at ZeRO-1, stages in bf16, compile in bf16 and tf32.
 GPU_CONFIGS = [("fp32", 1, False), ("tf32", 1, False), ("amp", 1, False), ("bf16", 1, False),
                ("bf16", 0, False), ("bf16", 2, False), ("bf16", 1, True), ("tf32", 1, True)]
-CPU_CONFIGS = [("fp32", 0, False), ("fp32", 1, False), ("fp32", 2, False), ("bf16", 1, False)]
+CPU_CONFIGS = [("fp32", 0, False), ("fp32", 1, False), ("fp32", 2, False), ("bf16", 1, False), ("amp", 1, False)]
 
 
 def main():
@@ -46,6 +46,7 @@ def main():
         model = ["--model", "vit_base_patch16_224", "--batch-size", str(args.batch_size), "--global-batch-size",
                  str(args.batch_size), "--workers", str(args.workers)]
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_sweep.jsonl").write_text("")
     rows = []
     for prec, stage, compile_ in configs:
         name = f"{prec}_z{stage}{'_compile' if compile_ else ''}"

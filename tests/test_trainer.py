@@ -162,6 +162,17 @@ def test_bf16_runs_bf16_and_wandb_without_credentials_goes_offline(demo_shards, 
     assert results(out)["config"]["deepspeed_config"]["bf16"]["enabled"] is True
 
 
+def test_amp_runs_fp16_autocast_with_dynamic_loss_scaling(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    launch(common(demo_shards, out, "--precision", "amp", "--max-steps", "2", "--log-interval", "1",
+                  "--model-kwargs", "depth=1", "--wandb", "offline"), processes=1)
+    eff = results(out)["precision_in_effect"]
+    assert eff["param_dtype"] == "torch.float32" and eff["autocast_dtype"] == "torch.float16"
+    assert eff["logits_dtype"] == "torch.float16" and "GradScaler" in eff["loss_scaler"]
+    scales = [row["train/loss_scale"] for row in wandb_history(out) if "train/loss_scale" in row]
+    assert len(scales) == 2 and all(0 < s <= 2.0**16 for s in scales)
+
+
 def test_wandb_failure_warns_once_and_training_goes_on_with_a_profiler_trace(demo_shards, tmp_path):
     out = tmp_path / "run"
     env = run_env(WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="3")
@@ -188,6 +199,7 @@ def test_non_finite_loss_stops_and_names_the_step(demo_shards, tmp_path):
     (["--model", "vit_nonexistent"], "unknown model 'vit_nonexistent'"),
     (["--global-batch-size", "20"], "not a multiple of --batch-size 8"),
     (["--precision", "tf32"], "--precision tf32 needs an NVIDIA GPU"),
+    (["--precision", "fp16"], "--precision fp16 needs fp16 weights"),
     (["--data-dir", "/nonexistent"], "/nonexistent/_info.json: not found"),
     (["--deepspeed-config", "BADCFG"], "gradient_accumulation_steps=4 contradicts the flags"),
 ])

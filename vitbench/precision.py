@@ -47,9 +47,11 @@ def check_supported(precision: str) -> None:
         if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
             raise PrecisionError("--precision tf32 needs an NVIDIA GPU with TF32 (Ampere or newer); "
                                  f"this run's device is '{name}'")
-    elif precision in ("amp", "fp16") and not acc.is_fp16_supported():
-        raise PrecisionError(f"--precision {precision} needs fp16 support, which DeepSpeed's '{name}' accelerator "
-                             "does not report; use fp32 or bf16 here")
+    elif precision == "amp" and not torch.amp.is_autocast_available(name):
+        raise PrecisionError(f"--precision amp needs torch autocast on '{name}', which this PyTorch lacks")
+    elif precision == "fp16" and not acc.is_fp16_supported():
+        raise PrecisionError("--precision fp16 needs fp16 weights and optimizer support, which DeepSpeed's "
+                             f"'{name}' accelerator does not report; use fp32, amp or bf16 here")
     elif precision == "bf16" and not acc.is_bf16_supported():
         raise PrecisionError(f"--precision bf16 is not supported on DeepSpeed's '{name}' accelerator")
 
