@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="shards + _info.json (default: $VITBENCH_DATA_DIR or %(default)s)")
-    g.add_argument("--workers", "-j", type=int, default=8, help="data loader processes per device")
+    g.add_argument("--workers", "-j", type=int, default=None,
+                   help="data loader processes per device (default: this machine's cores / devices, at most 16)")
     g.add_argument("--demo", action="store_true", help="build the demo shards if missing and run a CPU-sized demo")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224", help="any timm model name")
@@ -223,6 +224,8 @@ def main(argv=None):
     args = parse_args(argv)
     runinfo.single_process_env()
     lay = runinfo.layout()
+    if args.workers is None:  # JPEG decoding needs many cores per GPU (FlagPerf uses 16)
+        args.workers = max(1, min(16, (os.cpu_count() or 1) // lay["nproc_per_node"] - 1))
     if args.demo:
         build_demo_shards()
     train_shards, val_shards, ds_config = check_inputs(args, lay["world_size"])
