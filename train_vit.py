@@ -13,8 +13,6 @@ The story, top to bottom: config -> data -> model -> accelerate/DeepSpeed -> loo
 import argparse
 import ast
 import fcntl
-import json
-import math
 import os
 import sys
 import time
@@ -311,7 +309,8 @@ def main(argv=None):
                         peak_tflops_per_device=peak, memory_probe=process_memory_probe(device))
     config = dict(vars(args))
     attn = getattr(getattr(model.module, "blocks", [None])[0], "attn", None)
-    config.update(fused_attn=getattr(attn, "fused_attn", None), lr=lr, zero_stage=zero_stage, grad_accum_steps=grad_accum, steps_per_epoch=steps_per_epoch,
+    config.update(fused_attn=getattr(attn, "fused_attn", None), lr=lr, zero_stage=zero_stage,
+                  grad_accum_steps=grad_accum, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, deepspeed_config=ds_config, flops_per_sample=flops_per_sample,
                   peak_tflops_per_device=peak, **lay)
     tracker = Tracker(args.wandb, enabled=accelerator.is_main_process, run_dir=out_dir, project=args.wandb_project,
@@ -443,7 +442,8 @@ def main(argv=None):
         tracker.finish(summary, table_row(results), [out_dir / "profile"] if (out_dir / "profile").is_dir() else [])
         print(f"results: {out_dir / 'results.json'}")
         print(f"e2e_time {e2e:.1f}s  p_whole {fmt(results['p_whole'])}  p_train {fmt(results['p_train'])}  "
-              f"p_core {fmt(results['p_core'])} img/s  final_acc1 {fmt(results['final_acc1'])}  mem {results['mem']} GiB")
+              f"p_core {fmt(results['p_core'])} img/s  final_acc1 {fmt(results['final_acc1'])}  "
+              f"mem {results['mem']} GiB")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -83,8 +83,8 @@ def markdown(rows, steps) -> str:
         return "-" if v is None else f"{v:.{d}f}"
 
     lines = [f"{steps} steps per configuration; steady = after the first warm-up steps.", "",
-             "| config | p_core | p_train | p_core steady | p_train steady | MFU core % | MFU train % | mem used/total GiB "
-             "| max allocated GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| config | p_core | p_train | p_core steady | p_train steady | MFU core % | MFU train % "
+             "| mem used/total GiB | max allocated GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['config']} | error: {r['error']} ||||||||")

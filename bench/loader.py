@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train-loader throughput: our WebDataset reader against torchvision's ImageFolder, side by side.
 
-Same demo images (a larger draw: 300 per class), same training transform (RandomResizedCrop + flip + RandAugment m9 + normalize), same
+Same demo images (a larger draw: 300 per class), same training transform (RandomResizedCrop + flip +
+RandAugment m9 + normalize), same
 batch size and number of workers. Also the single-core decode + transform rate (the per-worker limit)
 and our reader with repeated augmentation x3 (decodes each image once for three samples).
 Rounds alternate the loaders so machine noise hits all of them alike; medians are reported.
@@ -88,9 +89,11 @@ def main():
     for k, v in figures.items():
         print(f"{k:16s} median {med[k]:8.1f} img/s   rounds: {', '.join(f'{x:.1f}' for x in v)}")
     out = {"bench": "loader", "img_size": args.img_size, "workers": args.workers, "batch_size": args.batch_size,
-           "images_per_round": args.images, "rounds": args.rounds, **{f"{k}_img_s": round(v, 1) for k, v in med.items()},
+           "images_per_round": args.images, "rounds": args.rounds,
+           **{f"{k}_img_s": round(v, 1) for k, v in med.items()},
            "ratio_webdataset_vs_imagefolder": round(med["webdataset"] / med["imagefolder"], 3),
-           "ratio_webdataset_vs_workers_x_single_core": round(med["webdataset"] / (args.workers * med["single_core"]), 3),
+           "ratio_webdataset_vs_workers_x_single_core":
+               round(med["webdataset"] / (args.workers * med["single_core"]), 3),
            "ratio_ra3_vs_webdataset": round(med["webdataset_ra3"] / med["webdataset"], 3)}
     print(json.dumps(out))
 

@@ -5,8 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import tarfile
 import time
 import warnings
 from pathlib import Path

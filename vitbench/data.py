@@ -161,7 +161,8 @@ def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int,
     log = _SkipLog()
     stream_seed = wds.utils.make_seed(seed, epoch, world_size)
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(shards if isinstance(shards, str) else shards.urls, seed=stream_seed, worker_seed=partial(_rank_worker_seed, rank),
+        wds.ResampledShards(shards if isinstance(shards, str) else shards.urls, seed=stream_seed,
+                            worker_seed=partial(_rank_worker_seed, rank),
                             deterministic=True),
         wds.tarfile_to_samples(handler=log.handler),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=wds.utils.make_seed(stream_seed, rank)),

@@ -240,7 +240,8 @@ class StepProfiler:
             return {"mem_used_gib": peak["memory/device_used(GiB)"], "mem_total_gib": peak["memory/device_total(GiB)"],
                     "mem_max_allocated_gib": peak["memory/max_allocated(GiB)"],
                     "mem_max_reserved_gib": peak["memory/max_reserved(GiB)"],
-                    "mem_source": "device memory used (cudaMemGetInfo, as nvidia-smi), peak over the run, max over ranks"}
+                    "mem_source": "device memory used (cudaMemGetInfo, as nvidia-smi), peak over the run, "
+                                  "max over ranks"}
         if "memory/host_peak_rss(GiB)" in peak:
             import psutil
 
