@@ -64,9 +64,13 @@ def _inspect(out_dir: Path, *flags) -> str:
     return proc.stdout
 
 
-def wandb_history(out_dir: Path) -> list[dict]:
+def wandb_records(out_dir: Path, kind: str) -> list[dict]:
     records = [json.loads(line) for line in _inspect(out_dir).splitlines() if line.strip().startswith("{")]
-    return [r["history"]["item"] for r in records if r.get("type") == "history"]
+    return [r[kind] for r in records if r.get("type") == kind]
+
+
+def wandb_history(out_dir: Path) -> list[dict]:
+    return [h["item"] for h in wandb_records(out_dir, "history")]
 
 
 def wandb_summary(out_dir: Path) -> dict:

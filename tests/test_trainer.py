@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import BIN, REPO, TINY, info, launch, results, run_env, wandb_history, wandb_summary
+from conftest import BIN, REPO, TINY, info, launch, results, run_env, wandb_history, wandb_records, wandb_summary
 
 from vitbench import checkpoint
 from vitbench.reporting import WORKSPACE_SECTIONS
@@ -165,12 +165,18 @@ def test_bf16_runs_bf16_and_wandb_without_credentials_goes_offline(demo_shards, 
 def test_amp_runs_fp16_autocast_with_dynamic_loss_scaling(demo_shards, tmp_path):
     out = tmp_path / "run"
     launch(common(demo_shards, out, "--precision", "amp", "--max-steps", "2", "--log-interval", "1",
-                  "--model-kwargs", "depth=1", "--wandb", "offline"), processes=1)
+                  "--model-kwargs", "depth=1", "--wandb", "offline", "--profile-steps", "0:1"), processes=1)
     eff = results(out)["precision_in_effect"]
     assert eff["param_dtype"] == "torch.float32" and eff["autocast_dtype"] == "torch.float16"
     assert eff["logits_dtype"] == "torch.float16" and "GradScaler" in eff["loss_scaler"]
     scales = [row["train/loss_scale"] for row in wandb_history(out) if "train/loss_scale" in row]
     assert len(scales) == 2 and all(0 < s <= 2.0**16 for s in scales)
+    # --profile-steps: the torch.profiler trace goes to the run dir and to W&B as an artifact
+    profiles = [a for a in wandb_records(out, "artifact") if a["type"] == "profile"]
+    assert [c["path"] for a in profiles for c in a["manifest"]["contents"]] == ["trace_rank0.json"]
+    assert (out / "profile" / "trace_rank0.json").is_file()
+    staged = [c["local_path"] for a in wandb_records(out, "artifact") for c in a["manifest"]["contents"]]
+    assert staged and all(p.startswith(str(out / "wandb")) for p in staged), "W&B files stay in the run dir"
 
 
 def test_wandb_failure_warns_once_and_training_goes_on_with_a_profiler_trace(demo_shards, tmp_path):

@@ -31,8 +31,9 @@ class Tracker:
             print("wandb: no credentials found, logging offline; upload later with "
                   f"`wandb sync {self.run_dir / 'wandb'}/offline-run-*`")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # W&B writes debug logs to ~/.cache/wandb unless told otherwise: keep everything in the run dir.
+        # W&B keeps debug logs and staged artifacts under ~ unless told otherwise: keep them in the run dir.
         os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / "cache"))
+        os.environ.setdefault("WANDB_DATA_DIR", str(self.run_dir / "wandb" / "data"))
         self.run = wandb.init(project=project, entity=entity, name=name, group=group, config=config,
                               dir=str(self.run_dir), mode=self.mode, reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True,
