@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from vitbench.prep import INFO_FILE
 
@@ -119,8 +119,6 @@ def _transformed(samples, transform, repeats: int, log: _SkipLog):
 def _batched(pairs, batch_size: int, log: _SkipLog, partial_last: bool):
     # default_collate stacks straight into shared memory inside a DataLoader worker, saving the copy
     # that sending a plain torch.stack result to the main process would make.
-    from torch.utils.data import default_collate
-
     images, labels, keys = [], [], []
     for img, label, key in pairs:
         images.append(img)
