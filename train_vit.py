@@ -14,6 +14,7 @@ import argparse
 import ast
 import fcntl
 import os
+import re
 import sys
 import time
 import warnings
@@ -23,7 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from vitbench import checkpoint, data, dsconfig, precision, runinfo
+from vitbench import checkpoint, data, dsconfig, lifecycle, precision, runinfo
 from vitbench.profiler import StepProfiler, peak_tflops, process_memory_probe, train_flops_per_sample
 from vitbench.tracking import Tracker
 
@@ -46,39 +47,76 @@ DEMO = dict(model="vit_tiny_patch16_224", img_size=64, patch_size=8, batch_size=
 # ------------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as every other start-up error
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def at_least(minimum, kind=int):
+    """argparse type: a number >= MINIMUM, refused at parse time, before any work."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def step_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+):(\d+)", text)
+    if not m or int(m[1]) >= int(m[2]):
+        raise argparse.ArgumentTypeError(f"wants A:B with 0 <= A < B, got '{text}'")
+    return int(m[1]), int(m[2])
+
+
+def key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got '{text}'")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a plain string, e.g. global_pool=avg
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos, nonneg, pos_float, nonneg_float = at_least(1), at_least(0), at_least(1e-12, float), at_least(0.0, float)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="shards + _info.json (default: $VITBENCH_DATA_DIR or %(default)s)")
-    g.add_argument("--workers", "-j", type=int, default=None,
+    g.add_argument("--workers", "-j", type=nonneg, default=None,
                    help="data loader processes per device (default: this machine's cores / devices, at most 16)")
     g.add_argument("--demo", action="store_true", help="build the demo shards if missing and run a CPU-sized demo")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224", help="any timm model name")
-    g.add_argument("--img-size", type=int, default=None, help="input size (default: the model's, 224)")
-    g.add_argument("--patch-size", type=int, default=None, help="ViT patch size passed to timm")
-    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+    g.add_argument("--img-size", type=pos, default=None, help="input size (default: the model's, 224)")
+    g.add_argument("--patch-size", type=pos, default=None, help="ViT patch size passed to timm")
+    g.add_argument("--model-kwargs", nargs="*", type=key_value, default=[], metavar="KEY=VALUE",
                    help="extra timm create_model arguments, e.g. depth=6 embed_dim=384")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (DeepSpeed engine.compile)")
     g = p.add_argument_group("recipe (FlagPerf / torchvision ViT-B/16)")
-    g.add_argument("--batch-size", "-b", type=int, default=256, help="micro-batch per device")
-    g.add_argument("--global-batch-size", type=int, default=4096,
+    g.add_argument("--batch-size", "-b", type=pos, default=256, help="micro-batch per device")
+    g.add_argument("--global-batch-size", type=pos, default=4096,
                    help="images per optimizer step; gradient accumulation = global / (batch-size x devices)")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: --lr-base scaled linearly)")
-    g.add_argument("--lr-base", type=float, default=3e-3, help="lr at --lr-base-size global batch")
-    g.add_argument("--lr-base-size", type=int, default=4096)
-    g.add_argument("--weight-decay", type=float, default=0.3)
-    g.add_argument("--epochs", type=int, default=300)
-    g.add_argument("--warmup-epochs", type=float, default=30)
-    g.add_argument("--warmup-lr-factor", type=float, default=0.033, help="warm-up starts at this fraction of lr")
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--smoothing", type=float, default=0.11, help="label smoothing")
-    g.add_argument("--mixup", type=float, default=0.2, help="mixup alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--lr", type=pos_float, default=None, help="absolute lr (default: --lr-base scaled linearly)")
+    g.add_argument("--lr-base", type=pos_float, default=3e-3, help="lr at --lr-base-size global batch")
+    g.add_argument("--lr-base-size", type=pos, default=4096)
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.3)
+    g.add_argument("--epochs", type=pos, default=300)
+    g.add_argument("--warmup-epochs", type=nonneg_float, default=30)
+    g.add_argument("--warmup-lr-factor", type=nonneg_float, default=0.033, help="warm-up starts at this fraction of lr")
+    g.add_argument("--min-lr", type=nonneg_float, default=0.0)
+    g.add_argument("--smoothing", type=nonneg_float, default=0.11, help="label smoothing")
+    g.add_argument("--mixup", type=nonneg_float, default=0.2, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=nonneg_float, default=1.0, help="cutmix alpha (0: off)")
     g.add_argument("--aa", default="rand-m9-mstd0.5", help="timm auto-augment policy ('' for none)")
-    g.add_argument("--aug-repeats", type=int, default=3, help="repeated augmentation copies per decoded image")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    g.add_argument("--aug-repeats", type=pos, default=3, help="repeated augmentation copies per decoded image")
+    g.add_argument("--clip-grad", type=nonneg_float, default=1.0, help="gradient norm clipping (0: off)")
     g.add_argument("--target-acc1", type=float, default=79.98, help="stop once validation top-1 reaches this")
     g.add_argument("--seed", type=int, default=41)
     g = p.add_argument_group("system")
@@ -88,20 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the ZeRO stage of the DeepSpeed config")
     g.add_argument("--deepspeed-config", default=None,
                    help="DeepSpeed JSON (default: the launch config's, else ds_configs/zero1.json)")
-    g.add_argument("--eval-batch-size", type=int, default=512)
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and at the end)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    g.add_argument("--eval-batch-size", type=pos, default=512)
+    g.add_argument("--eval-every", type=pos, default=1, help="evaluate every N epochs (and at the end)")
+    g.add_argument("--max-steps", type=pos, default=None, help="stop after N optimizer steps")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None, help="default: runs/<run-name>")
     g.add_argument("--run-name", default=None)
-    g.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: end only)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--checkpoint-every", type=nonneg, default=0,
+                   help="optimizer steps between checkpoints (0: end only)")
+    g.add_argument("--keep-checkpoints", type=pos, default=2)
     g.add_argument("--resume", default="", help="'auto' (newest complete checkpoint in the output dir) or a path")
-    g.add_argument("--log-interval", type=int, default=20, help="steps between profiler rows")
-    g.add_argument("--timing-warmup-steps", type=int, default=10,
+    g.add_argument("--log-interval", type=pos, default=20, help="steps between profiler rows")
+    g.add_argument("--timing-warmup-steps", type=nonneg, default=10,
                    help="steps left out of the *_steady throughput figures")
-    g.add_argument("--profile-steps", default=None, metavar="A:B", help="torch.profiler trace of steps A..B")
-    g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known table)")
+    g.add_argument("--profile-steps", type=step_range, default=None, metavar="A:B",
+                   help="torch.profiler trace of steps A..B (0 <= A < B)")
+    g.add_argument("--peak-tflops", type=pos_float, default=None, help="device peak for MFU (default: known table)")
     g.add_argument("--wandb", choices=["online", "offline", "off"], default="online",
                    help="online falls back to offline when there are no credentials")
     g.add_argument("--wandb-project", default="vitbench")
@@ -110,29 +150,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def typed_flags(argv) -> set[str]:
+    """The flags the user typed (a parse where nothing has a default)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo:
+    if args.demo:  # the demo's values fill in only what the user did not type
         from vitbench.demo import DEFAULT_DIR
 
+        typed = typed_flags(argv)
         for key, value in {**DEMO, "data_dir": str(DEFAULT_DIR)}.items():
-            if getattr(args, key) == parser.get_default(key):
+            if key not in typed:
                 setattr(args, key, value)
     args.fix_hp = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) != parser.get_default(k)}
-    args.model_kwargs = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.model_kwargs)}
+    args.model_kwargs = dict(args.model_kwargs)
     return args
 
 
 def fail(msg: str):
+    """One line on stderr, exit status 2. os._exit: no teardown that could hang on a data loader worker or
+    on ranks still waiting in a collective (the launcher ends those when this one exits)."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
-def check_inputs(args, world_size: int):
-    """Everything that can be wrong with the flags, reported before any heavy work."""
+def check_inputs(args, lay: dict):
+    """Everything that can be wrong with the flags, the data and the checkpoint to resume, reported before
+    any heavy work: a day-long run must never die late on something knowable at start."""
     import timm
 
+    world_size = lay["world_size"]
     if not timm.is_model(args.model):
         fail(f"unknown model '{args.model}' (see timm.list_models())")
     per_step = args.batch_size * world_size
@@ -141,8 +196,8 @@ def check_inputs(args, world_size: int):
              f"x {world_size} devices")
     if (args.mixup or args.cutmix) and args.batch_size % 2:
         fail(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
-    if args.profile_steps and not all(s.isdigit() for s in args.profile_steps.split(":")):
-        fail(f"--profile-steps wants A:B, got '{args.profile_steps}'")
+    if args.resume == "auto" and not (args.output_dir or args.run_name):
+        fail("--resume auto needs the run's --output-dir (or --run-name): default run names carry a timestamp")
     try:
         train_shards = data.load_split(args.data_dir, "train")
         val_shards = data.load_split(args.data_dir, "validation")
@@ -150,9 +205,24 @@ def check_inputs(args, world_size: int):
         ds_config = dsconfig.build(dsconfig.config_path(args.deepspeed_config), micro_batch=args.batch_size,
                                    grad_accum=args.global_batch_size // per_step, world_size=world_size,
                                    clip_grad=args.clip_grad, precision=args.precision, zero_stage=args.zero_stage)
-    except (data.DataError, precision.PrecisionError, dsconfig.ConfigError) as e:
+        out_dir = output_dir(args)
+        say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+        resume_from = checkpoint.resolve_resume(args.resume, out_dir / "checkpoints" if out_dir else None,
+                                                log=lambda m: say(m, file=sys.stderr))
+        universal = resume_from is not None and checkpoint.check_layout(
+            checkpoint.read_marker(resume_from), world_size=world_size,
+            zero_stage=ds_config["zero_optimization"]["stage"], global_batch=args.global_batch_size,
+            precision=args.precision)
+    except (data.DataError, precision.PrecisionError, dsconfig.ConfigError, checkpoint.CheckpointError) as e:
         fail(str(e))
-    return train_shards, val_shards, ds_config
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    return train_shards, val_shards, ds_config, resume_from, universal
+
+
+def output_dir(args, run_name: str | None = None) -> Path | None:
+    name = args.run_name or run_name
+    return Path(args.output_dir) if args.output_dir else REPO / "runs" / name if name else None
 
 
 def build_demo_shards():
@@ -218,15 +288,48 @@ def evaluate(model, stream, accelerator, in_dtype, img_size: int, lockstep: bool
 
 
 # ------------------------------------------------------------------------------------------------
+# One training step: the micro-batches of one optimizer step, forward + backward + step
+# ------------------------------------------------------------------------------------------------
+def train_step(model, micro_batches, train_loss, accelerator, loss_sum):
+    """Returns the last logits and a device flag: was any micro-batch's loss non-finite (no sync here)."""
+    nonfinite = torch.zeros((), dtype=torch.bool, device=loss_sum.device)
+    for x, y in micro_batches:
+        with accelerator.accumulate(model):
+            logits = model(x)
+            loss = train_loss(logits.float(), y)
+            accelerator.backward(loss)
+        loss = loss.detach()
+        loss_sum += loss
+        nonfinite |= ~torch.isfinite(loss)
+    return logits, nonfinite
+
+
+NO_BAD_STEP = 2**62
+
+
+def check_finite(first_bad_step):
+    """All ranks agree (MIN over ranks) on the first step with a non-finite loss; stop before that step
+    can reach a checkpoint or another log row."""
+    bad = first_bad_step.clone()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+    if bad.item() != NO_BAD_STEP:
+        fail(f"non-finite loss at step {bad.item()} (not a step the loss scaler skipped); no checkpoint was "
+             "written after it: lower --lr or check the data, then resume from the last checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------
 def main(argv=None):
+    # ---- config: flags, data, DeepSpeed config and checkpoint checked before any heavy work ----------
     args = parse_args(argv)
     runinfo.single_process_env()
+    lifecycle.exit_with_launcher()
     lay = runinfo.layout()
     if args.workers is None:  # JPEG decoding needs many cores per GPU (FlagPerf uses 16)
         args.workers = max(1, min(16, (os.cpu_count() or 1) // lay["nproc_per_node"] - 1))
     if args.demo:
         build_demo_shards()
-    train_shards, val_shards, ds_config = check_inputs(args, lay["world_size"])
+    train_shards, val_shards, ds_config, resume_from, universal = check_inputs(args, lay)
 
     # ---- accelerate + DeepSpeed -------------------------------------------------------------
     from accelerate import Accelerator
@@ -243,8 +346,14 @@ def main(argv=None):
     run_name = args.run_name or (f"{args.model}_{lay['nnodes']}x{lay['nproc_per_node']}_{args.precision}_"
                                  f"z{zero_stage}_{time.strftime('%Y%m%d-%H%M%S')}")
     run_name = broadcast_object_list([run_name])[0]  # one name for all ranks and nodes
-    out_dir = Path(args.output_dir or REPO / "runs" / run_name)
+    out_dir = output_dir(args, run_name)
     ckpt_dir = out_dir / "checkpoints"
+    if accelerator.is_main_process:
+        try:  # one run per output directory, held until this process ends
+            run_lock = lifecycle.RunLock(out_dir)  # noqa: F841
+        except lifecycle.LockError as e:
+            fail(str(e))
+    stop = lifecycle.StopRequest(world)  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
 
     # ---- model, optimizer, schedule ---------------------------------------------------------
     import timm
@@ -258,7 +367,11 @@ def main(argv=None):
         model_kwargs["patch_size"] = args.patch_size
     make_model = partial(timm.create_model, args.model, **model_kwargs)
     set_seed(args.seed)  # identical initial weights on every rank
-    model = make_model()
+    try:
+        model = make_model()
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        fail(f"--model {args.model} with {model_kwargs}: {type(e).__name__}: {e}")
+    n_params = sum(p.numel() for p in model.parameters())
     flops_per_sample = train_flops_per_sample(make_model, img_size)
     lr = args.lr or args.lr_base * args.global_batch_size / args.lr_base_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
@@ -277,12 +390,30 @@ def main(argv=None):
         model.compile()
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
-    resume_from = checkpoint.resolve_resume(args.resume, ckpt_dir)
     if resume_from:
-        accelerator.load_state(str(resume_from))
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        load_from = resume_from
+        try:
+            if universal:  # another number of processes wrote it: load DeepSpeed's universal conversion
+                if accelerator.is_main_process:
+                    checkpoint.to_universal(resume_from, log=accelerator.print)
+                accelerator.wait_for_everyone()
+                load_from = resume_from / checkpoint.UNIVERSAL
+            accelerator.load_state(str(load_from))
+        except checkpoint.CheckpointError as e:
+            fail(str(e))
+        except Exception as e:
+            fail(f"checkpoint {resume_from} does not load ({type(e).__name__}: {str(e)[:300]}); move it aside to "
+                 "resume from the one before it")
+        accelerator.print(f"resumed from {resume_from} at step {state.step}"
+                          + (" (universal checkpoint: the number of processes changed)" if universal else ""))
     resumed_from_step = state.step
     set_seed(args.seed + rank + 1000 * state.step)  # mixup and augmentation differ per rank and resume
+    # What a checkpoint's files need at least (fp32 weights + two Adam moments): the free-space check's
+    # floor before the first save, when no earlier checkpoint's size is known.
+    save_checkpoint = partial(checkpoint.save, accelerator, ckpt_dir, keep=args.keep_checkpoints,
+                              min_bytes=12 * n_params)
+    ckpt_meta = {"world_size": world, "zero_stage": zero_stage, "global_batch_size": args.global_batch_size,
+                 "precision": args.precision}
 
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                   num_classes=train_shards.num_classes) if args.mixup or args.cutmix else None
@@ -317,99 +448,115 @@ def main(argv=None):
                       entity=args.wandb_entity, name=run_name, group=args.wandb_group or run_name,
                       config={**config, "env": env})
     torch_prof = None
-    prof_a, prof_b = map(int, args.profile_steps.split(":")) if args.profile_steps else (-1, -1)
+    prof_a, prof_b = args.profile_steps or (-1, -1)
     accelerator.print(f"{run_name}: {args.model} {img_size}px, {world} device(s), {args.precision}, ZeRO-{zero_stage}, "
                       f"global batch {args.global_batch_size} = {args.batch_size} x {world} x {grad_accum} accum, "
                       f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
 
+    def export_trace():
+        with prof.pause("profile_export"):
+            torch_prof.stop()
+            trace_dir = out_dir / "profile"
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            torch_prof.export_chrome_trace(str(trace_dir / f"trace_rank{rank}.json"))
+
     # ---- the loop ----------------------------------------------------------------------------
     loss_sum, loss_terms = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
     logits_dtype, skipped_steps = None, model.skipped_steps
     has_scaler = args.precision in ("amp", "fp16")  # without one, a skipped step is no excuse
-    train_skipped, evals, final, done = 0, [], None, False
+    train_skipped, evals, final, done, interrupted = 0, [], None, False, False
     model.train()
     prof.train_start()
-    while state.step < total_steps and not done:
-        steps_now = min(steps_per_epoch - state.step_in_epoch, total_steps - state.step)
-        loader = data.train_loader(train_shards, train_tf, args.batch_size, steps_now * grad_accum, rank=rank,
-                                   world_size=world, workers=args.workers, seed=args.seed,
-                                   epoch=state.epoch * 1_000_003 + state.step, repeats=args.aug_repeats,
-                                   pin_memory=pin)
-        batches = iter(loader)
-        for _ in range(steps_now):
-            prof.data_start()
-            micro = []
-            for _ in range(grad_accum):
-                b = next(batches)
-                train_skipped += b["skipped"]
-                x = b["images"].to(device, non_blocking=True)
-                y = b["labels"].to(device, non_blocking=True)
-                if mixup:
-                    x, y = mixup(x, y)
-                micro.append((x.to(in_dtype), y))
-            if state.step == prof_a:
-                torch_prof = torch.profiler.profile(record_shapes=True, with_stack=False)
-                torch_prof.start()
-            prof.compute_start()
-            for x, y in micro:
-                with accelerator.accumulate(model):
-                    logits = model(x)
-                    loss = train_loss(logits.float(), y)
-                    accelerator.backward(loss)
-                loss_sum += loss.detach()
-                loss_terms += 1
-            prof.step_end()
-            if logits_dtype is None:  # first step of this launch: is the precision what its label says?
-                logits_dtype = logits.dtype
-                precision.verify(args.precision, precision.in_effect(model, logits_dtype))
-            if not (has_scaler and model.skipped_steps != skipped_steps):  # a step the loss scaler skipped
-                bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
-                first_bad_step = torch.where(bad, state.step + 1, first_bad_step)
-            skipped_steps = model.skipped_steps
-            state.step += 1
-            state.step_in_epoch += 1
-            scheduler.step_update(state.step)
-            if torch_prof and state.step >= prof_b:
-                torch_prof.stop()
-                trace_dir = out_dir / "profile"
-                trace_dir.mkdir(parents=True, exist_ok=True)
-                torch_prof.export_chrome_trace(str(trace_dir / f"trace_rank{rank}.json"))
-                torch_prof = None
+    try:
+        while state.step < total_steps and not done and not interrupted:
+            steps_now = min(steps_per_epoch - state.step_in_epoch, total_steps - state.step)
+            loader = data.train_loader(train_shards, train_tf, args.batch_size, steps_now * grad_accum, rank=rank,
+                                       world_size=world, workers=args.workers, seed=args.seed,
+                                       epoch=state.epoch * 1_000_003 + state.step, repeats=args.aug_repeats,
+                                       pin_memory=pin)
+            batches = iter(loader)
+            for _ in range(steps_now):
+                prof.data_start()
+                micro = []
+                for _ in range(grad_accum):
+                    b = next(batches)
+                    train_skipped += b["skipped"]
+                    x = b["images"].to(device, non_blocking=True)
+                    y = b["labels"].to(device, non_blocking=True)
+                    if mixup:
+                        x, y = mixup(x, y)
+                    micro.append((x.to(in_dtype), y))
+                if state.step == prof_a:
+                    torch_prof = torch.profiler.profile(record_shapes=True, with_stack=False)
+                    torch_prof.start()
+                prof.compute_start()
+                logits, nonfinite = train_step(model, micro, train_loss, accelerator, loss_sum)
+                loss_terms += len(micro)
+                prof.step_end()
+                if logits_dtype is None:  # first step of this launch: is the precision what its label says?
+                    logits_dtype = logits.dtype
+                    precision.verify(args.precision, precision.in_effect(model, logits_dtype))
+                if not (has_scaler and model.skipped_steps != skipped_steps):  # a step the loss scaler skipped
+                    first_bad_step = torch.where(nonfinite, torch.clamp(first_bad_step, max=state.step + 1),
+                                                 first_bad_step)
+                skipped_steps = model.skipped_steps
+                state.step += 1
+                state.step_in_epoch += 1
+                scheduler.step_update(state.step)
+                if torch_prof and state.step >= prof_b:
+                    export_trace()
+                    torch_prof = None
 
-            if state.step % args.log_interval == 0 or state.step == total_steps:
-                row = prof.interval_row()
-                row["loss"] = accelerator.reduce(loss_sum, reduction="mean").item() / loss_terms
-                loss_sum.zero_()
-                loss_terms = 0
-                row["lr"] = optimizer.param_groups[0]["lr"]
-                grad_norm = model.get_global_grad_norm()
-                row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
-                row["loss_scale"] = loss_scale(model)
-                row["epoch"] = state.epoch + state.step_in_epoch / steps_per_epoch
-                if first_bad_step.item() >= 0:
-                    fail(f"non-finite loss at step {first_bad_step.item()} (not a step the loss scaler skipped)")
-                tracker.log_step(state.step, row)
-                accelerator.print(format_row(state.step, total_steps, row))
-            if args.checkpoint_every and state.step % args.checkpoint_every == 0 and state.step < total_steps:
-                with prof.pause("checkpoint"):
-                    checkpoint.save(accelerator, ckpt_dir, state.step, args.keep_checkpoints, {"epoch": state.epoch})
-        del batches, loader
-        if state.step_in_epoch >= steps_per_epoch:
-            state.epoch += 1
-            state.step_in_epoch = 0
-        if (state.step_in_epoch == 0 and state.epoch % args.eval_every == 0) or state.step >= total_steps:
-            with prof.pause("eval"):
-                final = evaluate(model, val_stream, accelerator, in_dtype, img_size, lockstep=zero_stage == 3)
-            evals.append({"epoch": state.epoch, "step": state.step, **final})
-            tracker.log_eval(state.epoch, final)
-            accelerator.print(f"eval epoch {state.epoch} step {state.step}: top-1 {final['acc1']:.2f}  "
-                              f"top-5 {final['acc5']:.2f}  loss {final['loss']:.4f}  ({final['samples']} images)")
-            if args.target_acc1 is not None and final["acc1"] >= args.target_acc1:
-                accelerator.print(f"reached target top-1 {args.target_acc1}")
-                done = True
-    prof.train_end()
-    checkpoint.save(accelerator, ckpt_dir, state.step, args.keep_checkpoints, {"epoch": state.epoch})
+                if state.step % args.log_interval == 0 or state.step == total_steps:
+                    check_finite(first_bad_step)
+                    row = prof.interval_row()
+                    row["loss"] = accelerator.reduce(loss_sum, reduction="mean").item() / loss_terms
+                    loss_sum.zero_()
+                    loss_terms = 0
+                    row["lr"] = optimizer.param_groups[0]["lr"]
+                    grad_norm = model.get_global_grad_norm()
+                    row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+                    row["loss_scale"] = loss_scale(model)
+                    row["epoch"] = state.epoch + state.step_in_epoch / steps_per_epoch
+                    tracker.log_step(state.step, row)
+                    accelerator.print(format_row(state.step, total_steps, row))
+                if stop.agreed():
+                    interrupted = True
+                    break
+                if args.checkpoint_every and state.step % args.checkpoint_every == 0 and state.step < total_steps:
+                    check_finite(first_bad_step)
+                    with prof.pause("checkpoint"):
+                        save_checkpoint(state.step, meta={"epoch": state.epoch, **ckpt_meta})
+            del batches, loader
+            if state.step_in_epoch >= steps_per_epoch:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            if interrupted:
+                break
+            if (state.step_in_epoch == 0 and state.epoch % args.eval_every == 0) or state.step >= total_steps:
+                with prof.pause("eval"):
+                    final = evaluate(model, val_stream, accelerator, in_dtype, img_size, lockstep=zero_stage == 3)
+                evals.append({"epoch": state.epoch, "step": state.step, **final})
+                tracker.log_eval(state.epoch, final)
+                accelerator.print(f"eval epoch {state.epoch} step {state.step}: top-1 {final['acc1']:.2f}  "
+                                  f"top-5 {final['acc5']:.2f}  loss {final['loss']:.4f}  ({final['samples']} images)")
+                if args.target_acc1 is not None and final["acc1"] >= args.target_acc1:
+                    accelerator.print(f"reached target top-1 {args.target_acc1}")
+                    done = True
+        if torch_prof:  # the run ended inside the --profile-steps window: keep what was traced
+            export_trace()
+        prof.train_end()
+        stop.finish()
+        check_finite(first_bad_step)
+        save_checkpoint(state.step, meta={"epoch": state.epoch, **ckpt_meta})
+    except data.DataError as e:
+        fail(data.error_message(e))
+    except checkpoint.CheckpointError as e:
+        fail(str(e))
+    if interrupted:
+        accelerator.print(f"interrupted by {stop.signal_name or 'a signal on another rank'}: checkpoint of step "
+                          f"{state.step} saved; relaunch with --resume auto --output-dir {out_dir}")
 
     # ---- results -----------------------------------------------------------------------------
     timing = prof.summary()
@@ -419,7 +566,7 @@ def main(argv=None):
     results = {
         "run_name": run_name, **lay, "precision": args.precision, "zero_stage": zero_stage,
         "global_batch_size": args.global_batch_size, "global_step": state.step,
-        "resumed_from_step": resumed_from_step, "epochs_done": state.epoch,
+        "resumed_from_step": resumed_from_step, "epochs_done": state.epoch, "interrupted": interrupted,
         "eval_samples": final["samples"] if final else 0, "val_num_samples": val_shards.num_samples,
         "final_acc1": final["acc1"] if final else None, "final_acc5": final["acc5"] if final else None,
         "val_loss": final["loss"] if final else None, "reached_target": bool(done),
@@ -446,6 +593,8 @@ def main(argv=None):
               f"mem {results['mem']} GiB")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if interrupted:
+        sys.exit(lifecycle.EXIT_INTERRUPTED)
     return results
 
 
@@ -489,4 +638,12 @@ def format_row(step, total, row) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception:  # print it, then exit at once: a normal teardown can hang on loader workers or peers
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

@@ -75,3 +75,41 @@ def wandb_history(out_dir: Path) -> list[dict]:
 
 def wandb_summary(out_dir: Path) -> dict:
     return json.loads(_inspect(out_dir, "--summary"))
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size, ro=False) -> a fresh tmpfs of SIZE bytes (a real full disk / read-only filesystem);
+    unmounted at the end. Skips where this machine does not let the tests mount (not root)."""
+    mounts = []
+
+    def mount(size: int, ro: bool = False) -> Path:
+        where = tmp_path / f"fs{len(mounts)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounts):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def remount(where: Path, size: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
+
+
+def copy_shards(src: Path, dst: Path) -> Path:
+    """A private copy of a shard directory, for tests that damage it."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("src", ".prep"))
+    return dst
+
+
+def write_info(path: Path, meta: dict) -> None:
+    (Path(path) / "_info.json").write_text(json.dumps(meta))

@@ -76,8 +76,20 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     assert checkpoint.resolve_resume("auto", tmp_path) == tmp_path / "step_00000008"
     assert checkpoint.resolve_resume("auto", tmp_path / "none") is None
     assert checkpoint.resolve_resume("", tmp_path) is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
         checkpoint.resolve_resume(str(tmp_path / "step_00000012"), tmp_path)
+
+
+def test_resume_auto_with_every_checkpoint_damaged_is_a_clear_error(tmp_path):
+    for step in (4, 8):
+        d = tmp_path / f"step_{step:08d}"
+        d.mkdir()
+        (d / checkpoint.MARKER).write_text('{"files": {"model.pt": 10}}')
+    (tmp_path / "step_00000004" / "model.pt").write_bytes(b"x" * 9)
+    skipped = []
+    with pytest.raises(checkpoint.CheckpointError, match="none of the 2 complete checkpoint"):
+        checkpoint.resolve_resume("auto", tmp_path, log=skipped.append)
+    assert len(skipped) == 2 and "model.pt is missing" in skipped[0] and "9 bytes, 10 were written" in skipped[1]
 
 
 @pytest.mark.parametrize("name, machines, processes", [("1x1", 1, 1), ("1x8", 1, 8), ("2x8", 2, 16),

@@ -179,16 +179,9 @@ def test_amp_runs_fp16_autocast_with_dynamic_loss_scaling(demo_shards, tmp_path)
     assert staged and all(p.startswith(str(out / "wandb")) for p in staged), "W&B files stay in the run dir"
 
 
-def test_wandb_failure_warns_once_and_training_goes_on_with_a_profiler_trace(demo_shards, tmp_path):
+def test_profiler_trace_of_a_window_inside_the_run(demo_shards, tmp_path):
     out = tmp_path / "run"
-    env = run_env(WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="3")
-    env.pop("WANDB_MODE")
-    proc = subprocess.run([str(BIN / "python"), str(REPO / "train_vit.py"),
-                           *common(demo_shards, out, "--max-steps", "3", "--wandb", "online",
-                                   "--profile-steps", "1:2")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("W&B logging is off for this run") == 1
+    launch(common(demo_shards, out, "--max-steps", "3", "--wandb", "off", "--profile-steps", "1:2"), processes=1)
     assert results(out)["global_step"] == 3
     trace = json.loads((out / "profile" / "trace_rank0.json").read_text())  # --profile-steps 1:2
     assert any(e.get("name") == "aten::addmm" for e in trace["traceEvents"])
@@ -205,7 +198,6 @@ def test_non_finite_loss_stops_and_names_the_step(demo_shards, tmp_path):
     (["--model", "vit_nonexistent"], "unknown model 'vit_nonexistent'"),
     (["--global-batch-size", "20"], "not a multiple of --batch-size 8"),
     (["--precision", "tf32"], "--precision tf32 needs an NVIDIA GPU"),
-    (["--precision", "fp16"], "--precision fp16 needs fp16 weights"),
     (["--data-dir", "/nonexistent"], "/nonexistent/_info.json: not found"),
     (["--deepspeed-config", "BADCFG"], "gradient_accumulation_steps=4 contradicts the flags"),
 ])

@@ -1,21 +1,37 @@
 """Complete-or-ignored checkpoints on top of accelerate's state saving (DeepSpeed checkpoints inside).
 
-Every rank saves into `step_NNNNNNNN.tmp/`; after all ranks are done the main process writes a
-`COMPLETE` marker and renames the folder to `step_NNNNNNNN/` (one atomic rename). A run killed while
-saving leaves only a `.tmp` folder, which resume ignores and the next save removes.
+Every rank saves into `step_NNNNNNNN.tmp/` and fsyncs what it wrote; after all ranks are done the main
+process writes a `COMPLETE` marker (the step, the layout, and the size of every file) and renames the
+folder to `step_NNNNNNNN/` (one atomic rename). A run killed or out of space while saving leaves only a
+`.tmp` folder, which resume ignores and the next save removes; the previous checkpoint is never touched.
+
+`--resume auto` takes the newest complete checkpoint whose files are all there with their recorded sizes;
+a damaged one is reported in one line and skipped for the next older. A checkpoint written by another
+number of processes is converted once to DeepSpeed's universal format (ZeRO 1-2, and bf16's partitioned
+optimizer) and loaded from that, so a run that lost a node goes on with the same global batch.
 Multi-node runs need the output directory on a shared filesystem, as DeepSpeed's ZeRO checkpoints do.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 MARKER = "COMPLETE"
+UNIVERSAL = "universal"  # subfolder of a checkpoint: its DeepSpeed-universal conversion
+DS_TAG = "pytorch_model"  # the folder accelerate gives the DeepSpeed engine's checkpoint
 _NAME = re.compile(r"^step_(\d{8})$")
+GIB = 1024**3
+
+
+class CheckpointError(Exception):
+    pass
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -31,39 +47,195 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    """`--resume auto`: newest complete checkpoint under ROOT, or None; `--resume PATH`: that one."""
+def read_marker(path: Path) -> dict | None:
+    """The checkpoint's marker, or None when it cannot be read."""
+    try:
+        meta = json.loads((Path(path) / MARKER).read_text())
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at PATH would not load (a file missing or of another size than written), or None."""
+    meta = read_marker(path)
+    if meta is None:
+        return f"its {MARKER} marker is unreadable"
+    if "files" not in meta:
+        return None  # a marker from before file lists were recorded
+    for rel, size in meta["files"].items():
+        f = Path(path) / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def resolve_resume(resume: str, root: Path, log=print) -> Path | None:
+    """`--resume auto`: the newest complete checkpoint under ROOT that is intact, or None when there is
+    none at all; `--resume PATH`: that one, which must be intact."""
     if not resume:
         return None
-    if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise CheckpointError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+        if problem := damage(path):
+            raise CheckpointError(f"{path}: damaged checkpoint ({problem})")
+        return path
+    found = complete_checkpoints(root)
+    for _, path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            return path
+        log(f"warning: skipping damaged checkpoint {path} ({problem}); trying the one before it")
+    if found:
+        raise CheckpointError(f"{root}: none of the {len(found)} complete checkpoint(s) is intact; "
+                              "start without --resume or restore one")
+    return None
 
 
-def save(accelerator, root: Path, step: int, keep: int, meta: dict) -> Path:
+def check_layout(meta: dict, *, world_size: int, zero_stage: int, global_batch: int, precision: str) -> bool:
+    """Whether resuming from a checkpoint with META needs the universal conversion; raise when the
+    resume cannot work at all. Called before any heavy work."""
+    if not (meta or {}).get("world_size"):
+        return False
+    saved = (meta["world_size"], meta.get("zero_stage"), meta.get("global_batch_size"), meta.get("precision"))
+    if saved[2] not in (None, global_batch):
+        raise CheckpointError(f"the checkpoint was trained with --global-batch-size {saved[2]}, this launch has "
+                              f"{global_batch}: resume keeps the global batch (accumulation is re-derived)")
+    if saved[3] not in (None, precision):
+        raise CheckpointError(f"the checkpoint was trained with --precision {saved[3]}, this launch has "
+                              f"--precision {precision}")
+    if saved[0] == world_size and saved[1] == zero_stage:
+        return False
+    partitioned = {saved[1], zero_stage} & {1, 2, 3} or precision == "bf16"  # bf16 partitions like ZeRO-1
+    if not partitioned:
+        return False  # ZeRO-0 fp32/amp: every rank holds the whole optimizer state
+    if 3 in (saved[1], zero_stage):
+        raise CheckpointError(f"the checkpoint was written by {saved[0]} processes with ZeRO-{saved[1]}, this "
+                              f"launch has {world_size} processes with ZeRO-{zero_stage}: ZeRO-3 checkpoints can "
+                              f"only be resumed on the same layout here; relaunch with {saved[0]} processes")
+    return True
+
+
+def to_universal(path: Path, log=print) -> Path:
+    """Convert the checkpoint at PATH once into DeepSpeed's universal format at PATH/universal (kept for
+    later resumes; removed with the checkpoint). Run on the main process only."""
+    out = Path(path) / UNIVERSAL
+    if (out / MARKER).is_file():
+        return out
+    tmp = Path(path) / f"{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converting {path} to DeepSpeed's universal checkpoint format (the number of processes changed)")
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", str(Path(path) / DS_TAG), "--output_folder", str(tmp / DS_TAG),
+                           "--num_extract_workers", "2", "--num_merge_workers", "1", "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        raise CheckpointError(f"{path}: DeepSpeed's universal conversion failed ({tail[0]})")
+    for f in Path(path).iterdir():  # accelerate's own files: scheduler, train state, RNG states
+        if f.is_file() and f.suffix in (".pkl", ".bin", ".safetensors"):
+            shutil.copy2(f, tmp / f.name)
+    (tmp / MARKER).write_text("{}")
+    os.replace(tmp, out)
+    return out
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ROOT to stable storage (what this host wrote of it)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sizes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _space_problem(root: Path, need: int, step: int, previous: str) -> str | None:
+    free = shutil.disk_usage(root).free
+    if free >= need:
+        return None
+    return (f"not enough space under {root} for checkpoint step {step}: {free / GIB:.3f} GiB free, about "
+            f"{need / GIB:.3f} GiB needed; {previous}")
+
+
+def _warn_if_next_will_not_fit(root: Path, step: int, size: int) -> None:
+    """Warned one save early, while the run can still be given room (or a --keep-checkpoints change)."""
+    free = shutil.disk_usage(root).free
+    if free < size:
+        print(f"warning: only {free / GIB:.3f} GiB free under {root} after checkpoint step {step} "
+              f"({size / GIB:.3f} GiB): the next save will not fit unless room is made", file=sys.stderr)
+
+
+def _previous_text(root: Path) -> str:
+    found = complete_checkpoints(root)
+    return f"the previous checkpoint step {found[-1][0]} is intact" if found else "no checkpoint was written yet"
+
+
+def save(accelerator, root: Path, step: int, keep: int, meta: dict, min_bytes: int = 0) -> Path:
+    """Save a checkpoint of STEP on every rank together; raise CheckpointError (same on every rank where
+    it can be agreed) when the disk cannot take it. MIN_BYTES: the least a first checkpoint needs."""
+    import torch
+
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp"
+    problem = None
     if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+        found = complete_checkpoints(root)
+        last = sum((read_marker(found[-1][1]) or {}).get("files", {}).values()) if found else 0
+        problem = _space_problem(root, max(last, min_bytes), step, _previous_text(root))
+        if problem is None:
+            tmp.mkdir(parents=True)
+    flag = torch.tensor([float(problem is not None)], device=accelerator.device)
+    if accelerator.reduce(flag, reduction="sum").item():  # every rank reaches this: all stop together
+        raise CheckpointError(problem or "the main process found no room for the checkpoint")
+    try:
+        accelerator.save_state(str(tmp))
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        # A rank whose write fails stops here; the launcher ends the others. Nothing half-written is
+        # ever complete: the .tmp folder has no marker and the next save removes it.
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(root).free < 64 << 20
+        what = "no space left on device" if full else f"{type(e).__name__}: {str(e)[:200]}"
+        raise CheckpointError(f"{what} writing checkpoint step {step} under {root}; "
+                              f"{_previous_text(root)}") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        marker = {"step": step, **meta, "files": _sizes(tmp)}
         with open(tmp / MARKER, "w") as f:
-            json.dump({"step": step, **meta}, f)
+            json.dump(marker, f)
             f.flush()
             os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        _warn_if_next_will_not_fit(root, step, sum(marker["files"].values()))
     accelerator.wait_for_everyone()
     return final

@@ -1,7 +1,12 @@
 """Shard readers: the training stream and the exactly-once validation stream.
 
-Both yield batches as dicts {"images", "labels", "keys", "skipped"}; "skipped" counts corrupt samples the
-producing worker dropped since its previous batch, so the count survives DataLoader worker processes.
+Both yield batches as dicts {"images", "labels", "keys", "skipped"}; "skipped" counts samples the producing
+worker dropped since its previous batch (corrupt image, bad label, foreign tar member, samples lost to a
+truncated shard), so the count survives DataLoader worker processes.
+
+Shards are local files only. Their names come from `_info.json` (or a brace pattern typed by the user) and
+are opened here with `open()`: no string from a data file ever reaches webdataset's URL opener, whose
+`pipe:` URLs run shell commands.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -25,8 +32,46 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_PCT = 224 / 256  # resize 256, center-crop 224; scales with --img-size
 
 
+# A sample member is `<key>.<ext>` with no directory part; anything else in a tar is foreign.
+_MEMBER = re.compile(r"^([^./\\]+)\.([^/\\]+)$")
+TAR_BLOCK = 512
+# Consecutive train shards that yield nothing before the run stops instead of resampling forever.
+MAX_CONSECUTIVE_BAD_SHARDS = 20
+
+
 class DataError(Exception):
     pass
+
+
+def error_message(e: BaseException) -> str:
+    """The one-line message of a DataError, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(e).strip()
+    marker = f"{DataError.__name__}: "
+    return text.rsplit(marker, 1)[-1] if marker in text else text.splitlines()[-1] if text else repr(e)
+
+
+def check_shard_name(name, info_path: Path) -> None:
+    """A shard listed in `_info.json` must be a plain relative file name under the data directory."""
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{info_path}: shard name {name!r} is not a file name")
+    parts = Path(name).parts
+    if (Path(name).is_absolute() or name.startswith("~") or "\\" in name or ".." in parts
+            or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name)):
+        raise DataError(f"{info_path}: shard name {name!r} is not a plain relative file name under the data "
+                        "directory (no URL scheme, absolute path or '..'); fix the file or re-make the shards")
+
+
+def _check_tar_header(path: Path) -> str | None:
+    """Why PATH is not a tar, from its first header block alone (cheap enough for 1,024 shards)."""
+    try:
+        with open(path, "rb") as f:
+            block = f.read(TAR_BLOCK)
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+        return None
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    except tarfile.HeaderError as e:
+        return f"not a tar file ({e})" if block else "empty file"
 
 
 @dataclass
@@ -52,16 +97,26 @@ def load_split(data_dir: str | Path, split: str) -> ShardSet:
     try:
         info = json.loads(info_path.read_text())
         entry = info["splits"][split]
-        urls = [str(data_dir / f) for f in entry["filenames"]]
+        names = list(entry["filenames"])
         lengths = [int(n) for n in entry["shard_lengths"]]
+        num_classes = int(info.get("num_classes") or len(info.get("classes", [])) or 1000)
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{info_path}: no usable '{split}' split ({type(e).__name__}: {e})") from None
-    missing = [u for u in urls if not Path(u).is_file()]
+    if len(names) != len(lengths) or num_classes < 1:
+        raise DataError(f"{info_path}: split '{split}' lists {len(names)} shards but {len(lengths)} shard_lengths")
+    for name in names:
+        check_shard_name(name, info_path)
+    urls = [str(data_dir / f) for f in names]
+    missing = [u for u in urls if not Path(u).is_file()]  # is_file follows a user's symlink to another disk
     if missing or not urls:
         raise DataError(f"{info_path}: split '{split}' lists shards that are not there: "
                         f"{', '.join(missing[:3]) or '(none listed)'}")
-    num_classes = info.get("num_classes") or len(info.get("classes", [])) or 1000
-    return ShardSet(split, urls, lengths, int(num_classes))
+    broken = [(u, why) for u in urls if (why := _check_tar_header(Path(u)))]
+    if broken:
+        raise DataError(f"{info_path}: split '{split}' has {len(broken)} unreadable shard(s): "
+                        + "; ".join(f"{u}: {why}" for u, why in broken[:3])
+                        + "; re-make them with shards/prep_shards.py (--verify lists every problem)")
+    return ShardSet(split, urls, lengths, num_classes)
 
 
 def train_transform(img_size: int, auto_augment: str | None):
@@ -79,41 +134,96 @@ def eval_transform(img_size: int):
 
 
 class _SkipLog:
-    """Per-worker count of dropped samples; also the webdataset error handler."""
+    """Per-worker count of dropped samples, with one warning naming shard and key for each."""
 
     def __init__(self):
         self.count = 0
 
-    def drop(self, where: str, exn: BaseException) -> None:
-        self.count += 1
-        warnings.warn(f"skipping corrupt sample {where}: {type(exn).__name__}: {exn}", stacklevel=2)
-
-    def handler(self, exn: BaseException) -> bool:
-        self.drop("(tar read error)", exn)
-        return True
+    def drop(self, where: str, why: str, count: int = 1) -> None:
+        self.count += count
+        warnings.warn(f"skipping {where}: {why}", stacklevel=2)
 
     def take(self) -> int:
         n, self.count = self.count, 0
         return n
 
 
-def _decode(sample: dict):
+def tar_samples(path: str, log: _SkipLog, count_read_errors: bool = True):
+    """Samples ({"__key__", "__url__", ext: bytes}) of one local tar shard, opened as a plain file.
+
+    Only regular members named `<key>.<ext>` count; a member with a directory part, `..`, an absolute name,
+    a link or a device file is skipped and counted once per foreign name. A truncated or corrupt tar ends
+    the shard with one warning (counted unless the caller counts lost samples itself)."""
+    sample, last_foreign = None, None
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                match = _MEMBER.match(member.name)
+                if not (match and member.isreg()):
+                    name = member.name.rsplit(".", 1)[0]
+                    if name != last_foreign:
+                        last_foreign = name
+                        log.drop(f"{path} member {member.name!r}", "not a sample file (<key>.<ext>, a regular "
+                                 "file with no directory part)")
+                    continue
+                key, ext = match.groups()
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample = None
+                if sample is None:
+                    sample = {"__key__": key, "__url__": path}
+                sample[ext.lower()] = tar.extractfile(member).read()
+                tar.members = []  # stream mode would otherwise keep every header of a 1,252-image shard
+    except (OSError, EOFError, tarfile.TarError) as e:
+        # The sample being read when the tar broke is incomplete: dropped with the rest of the shard.
+        log.drop(f"the rest of shard {path}", f"{type(e).__name__}: {e}", count=int(count_read_errors))
+        return
+    if sample is not None:
+        yield sample
+
+
+def _label(sample: dict, num_classes: int) -> int:
+    text = sample["cls"].decode("ascii").strip()
+    if not text.isdigit() or int(text) >= num_classes:
+        raise ValueError(f"label {text[:20]!r} is not a class index in [0, {num_classes})")
+    return int(text)
+
+
+def _transformed(samples, transform, repeats: int, log: _SkipLog, num_classes: int):
+    """Decode once, emit `repeats` independently augmented copies (repeated augmentation). A sample with a
+    bad label or image is dropped here, so no bad sample ever reaches the model or the metrics."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(sample["jpg"]))
-    return img.convert("RGB"), int(sample["cls"])
-
-
-def _transformed(samples, transform, repeats: int, log: _SkipLog):
-    """Decode once, emit `repeats` independently augmented copies (repeated augmentation)."""
     for sample in samples:
         try:
-            img, label = _decode(sample)
+            label = _label(sample, num_classes)
+            img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         except Exception as e:
-            log.drop(f"{sample.get('__url__')} key {sample.get('__key__')}", e)
+            log.drop(f"sample {sample['__key__']} of {sample['__url__']}", f"{type(e).__name__}: {e}")
             continue
         for _ in range(repeats):
             yield transform(img), label, sample["__key__"]
+
+
+def _train_shard_samples(shards, log: _SkipLog):
+    """Samples of the resampled shard stream; a run of shards that all yield nothing is an error, not an
+    endless retry."""
+    failed = []
+    for shard in shards:
+        got = False
+        for sample in tar_samples(shard["url"], log):
+            got = True
+            yield sample
+        if got:
+            failed.clear()
+            continue
+        failed.append(shard["url"])
+        if len(failed) >= MAX_CONSECUTIVE_BAD_SHARDS:
+            names = sorted({Path(u).name for u in failed})
+            dirs = sorted({str(Path(u).parent) for u in failed})
+            raise DataError(f"no sample could be read from {len(failed)} train shards in a row under "
+                            f"{', '.join(dirs)} ({', '.join(names)}); the train split looks unreadable: check it "
+                            "with `shards/prep_shards.py --verify` or re-make it")
 
 
 def _batched(pairs, batch_size: int, log: _SkipLog, partial_last: bool):
@@ -144,6 +254,9 @@ def _seed_worker(base_seed: int, worker_id: int) -> None:
 
     import numpy as np
 
+    from vitbench.lifecycle import ignore_stop_signals
+
+    ignore_stop_signals()
     seed = wds.utils.make_seed(base_seed, worker_id)
     random.seed(seed)
     np.random.seed(seed)
@@ -152,19 +265,21 @@ def _seed_worker(base_seed: int, worker_id: int) -> None:
 
 def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int, *, rank: int, world_size: int,
                  workers: int, seed: int, epoch: int, repeats: int = 1, shuffle_buffer: int = 2000,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, num_classes: int | None = None):
     """An epoch of `steps` batches of this rank, read from shards resampled per rank and worker, so no
     rank or worker ever runs dry (and none waits on another in a collective). `shards` is a split from
     `_info.json` or a brace pattern such as "/data/imagenet1k-train-{0000..1023}.tar"."""
     log = _SkipLog()
     stream_seed = wds.utils.make_seed(seed, epoch, world_size)
+    if num_classes is None:
+        num_classes = shards.num_classes if isinstance(shards, ShardSet) else 1000
     pipeline = wds.DataPipeline(
         wds.ResampledShards(shards if isinstance(shards, str) else shards.urls, seed=stream_seed,
                             worker_seed=partial(_rank_worker_seed, rank),
                             deterministic=True),
-        wds.tarfile_to_samples(handler=log.handler),
+        partial(_train_shard_samples, log=log),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=wds.utils.make_seed(stream_seed, rank)),
-        partial(_transformed, transform=transform, repeats=repeats, log=log),
+        partial(_transformed, transform=transform, repeats=repeats, log=log, num_classes=num_classes),
         partial(_batched, batch_size=batch_size, log=log, partial_last=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin_memory,
@@ -200,17 +315,24 @@ class ValidationStream(IterableDataset):
         return max(self.batches_of_rank(r) for r in range(self.world_size))
 
     def _samples(self, lo: int, hi: int, log: _SkipLog):
+        """Samples at positions [lo, hi) of the split; positions come from `shard_lengths`, so a shard that
+        is short (truncated) or long never shifts another shard's samples, and every position of the
+        range that could not be read is counted as skipped."""
         start = 0
         for url, length in zip(self.shards.urls, self.shards.lengths):
             end = start + length
             if end > lo and start < hi:
-                pos = start
-                for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=log.handler):
-                    if pos >= hi:
+                pos, stop = start, min(end, hi)
+                for sample in tar_samples(url, log, count_read_errors=False):
+                    if pos >= stop:
                         break
                     if pos >= lo:
                         yield sample
                     pos += 1
+                lost = stop - max(pos, lo)
+                if lost > 0:
+                    log.drop(f"{lost} sample(s) of {url}", f"the shard holds fewer samples than the "
+                             f"{length} that _info.json records", count=lost)
             start = end
             if start >= hi:
                 break
@@ -222,10 +344,17 @@ class ValidationStream(IterableDataset):
             lo, _ = self.worker_range(self.rank, 0)
             _, hi = self.worker_range(self.rank, self.workers - 1)
         log = _SkipLog()
-        pairs = _transformed(self._samples(lo, hi, log), self.transform, 1, log)
+        pairs = _transformed(self._samples(lo, hi, log), self.transform, 1, log, self.shards.num_classes)
         yield from _batched(pairs, self.batch_size, log, partial_last=True)
+
+
+def _validation_worker_init(_worker_id: int) -> None:
+    from vitbench.lifecycle import ignore_stop_signals
+
+    ignore_stop_signals()
 
 
 def validation_loader(stream: ValidationStream, pin_memory: bool = False):
     workers = stream.workers if stream.workers > 1 else 0
-    return wds.WebLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory)
+    return wds.WebLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                         worker_init_fn=_validation_worker_init if workers else None)

@@ -12,11 +12,13 @@ point (even SIGKILL) resumes by rebuilding only the unfinished shards.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import random
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +44,15 @@ class Source:
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_class_index(path: Path) -> dict[str, int]:
@@ -58,9 +64,22 @@ def read_class_index(path: Path) -> dict[str, int]:
         mapping = json.loads(text)
         if not isinstance(mapping, dict):
             raise PrepError(f"{path}: expected a JSON object {{wnid: index}}")
-        return {str(k): int(v) for k, v in mapping.items()}
+        return check_class_index(mapping, path)
     wnids = [line.split()[0] for line in text.splitlines() if line.strip()]
-    return {w: i for i, w in enumerate(wnids)}
+    return check_class_index({w: i for i, w in enumerate(wnids)}, path)
+
+
+def check_class_index(mapping: dict, path: Path) -> dict[str, int]:
+    """Every label we write is a class index in [0, num_classes): refuse a mapping that breaks that."""
+    out = {}
+    for wnid, idx in mapping.items():
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise PrepError(f"{path}: class '{wnid}' has index {idx!r}; indices must be integers >= 0")
+        out[str(wnid)] = idx
+    dupes = sorted({i for i in out.values() if list(out.values()).count(i) > 1})
+    if dupes:
+        raise PrepError(f"{path}: several classes share index {dupes[0]}; each class needs its own index")
+    return out
 
 
 def scan_sources(src: Path, class_index: dict[str, int] | None = None) -> tuple[list[Source], list[str]]:
@@ -85,16 +104,27 @@ def scan_sources(src: Path, class_index: dict[str, int] | None = None) -> tuple[
     for d in class_dirs:
         for f in sorted(d.iterdir()):
             if f.is_file() and not f.name.startswith("."):
-                found.append((f"{d.name}/{f.name}", d.name, f.stem.replace(".", "_")))
+                found.append((f"{d.name}/{f.name}", d.name, _KEY_UNSAFE.sub("_", f.stem)))
     if not found:
         raise PrepError(f"{src}: the class folders hold no files")
-    # WebDataset keys end at the first dot and must be unique within a shard set.
     stems_unique = len({stem for _, _, stem in found}) == len(found)
-    sources = [
-        Source(path=rel, wnid=wnid, cls=class_index[wnid], key=stem if stems_unique else f"{wnid}_{stem}")
-        for rel, wnid, stem in found
-    ]
+    keys = [stem if stems_unique else f"{wnid}_{stem}" for _, wnid, stem in found]
+    sources = [Source(path=rel, wnid=wnid, cls=class_index[wnid], key=key)
+               for (rel, wnid, _), key in zip(found, unique_keys(keys, [rel for rel, _, _ in found]))]
     return sources, classes
+
+
+# WebDataset keys end at the first dot and name tar members: letters, digits, '_' and '-' only.
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def unique_keys(keys: list[str], paths: list[str]) -> list[str]:
+    """Keys made unique within the split: `x.y.JPEG` and `x_y.JPEG` both sanitize to `x_y`, so every key
+    that collides gets a suffix from its source path's hash (stable across re-runs)."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return [k if counts[k] == 1 else f"{k}-{hashlib.sha1(p.encode()).hexdigest()[:10]}" for k, p in zip(keys, paths)]
 
 
 def plan_shards(sources: list[Source], shard_size: int, seed: int) -> list[list[Source]]:
@@ -141,12 +171,26 @@ def _encode_image(data: bytes, max_side: int | None) -> tuple[bytes, int, int]:
 def write_shard(src: str, out: str, shard_name: str, members: list[Source], max_side: int | None,
                 fingerprint: str) -> dict:
     """Worker: write one shard atomically and its completion record. Returns the record."""
-    import webdataset as wds
-
     out_dir = Path(out)
     final = out_dir / shard_name
     tmp = out_dir / f".{shard_name}.tmp{os.getpid()}"
-    skipped, count = [], 0
+    skipped = []
+    try:
+        record = _write_tar(src, tmp, members, max_side, skipped)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written shard never stays behind, whatever stopped it
+        raise
+    os.replace(tmp, final)
+    record = {"filename": shard_name, **record, "bytes": final.stat().st_size, "skipped": skipped,
+              "fingerprint": fingerprint}
+    write_json_atomic(out_dir / ".prep" / f"{shard_name}.json", record)
+    return record
+
+
+def _write_tar(src: str, tmp: Path, members: list[Source], max_side: int | None, skipped: list) -> dict:
+    import webdataset as wds
+
+    count = 0
     with open(tmp, "wb") as raw:
         hashing = _HashingFile(raw)
         with wds.TarWriter(hashing, mtime=0, encoder=False) as tw:
@@ -163,11 +207,7 @@ def write_shard(src: str, out: str, shard_name: str, members: list[Source], max_
                 count += 1
         raw.flush()
         os.fsync(raw.fileno())
-    os.replace(tmp, final)
-    record = {"filename": shard_name, "num_samples": count, "sha256": hashing.sha.hexdigest(),
-              "bytes": final.stat().st_size, "skipped": skipped, "fingerprint": fingerprint}
-    write_json_atomic(out_dir / ".prep" / f"{shard_name}.json", record)
-    return record
+    return {"num_samples": count, "sha256": hashing.sha.hexdigest()}
 
 
 def completed_record(out: Path, shard_name: str, fingerprint: str) -> dict | None:
@@ -203,8 +243,6 @@ def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_si
             workers: int | None = None, seed: int = 0, max_side: int | None = None,
             class_index: Path | None = None, progress: bool = True) -> dict:
     """Build (or finish building) the shards of one split; returns the split's `_info.json` entry."""
-    from tqdm import tqdm
-
     src, out = Path(src), Path(out)
     if shard_size < 1:
         raise PrepError(f"--shard-size must be >= 1, got {shard_size}")
@@ -213,7 +251,35 @@ def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_si
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"name": name, "splits": {}}
     if info.get("classes") not in (None, classes):
         raise PrepError(f"{info_path}: its class list differs from {src}'s; use --class-index or a new --out")
-    (out / ".prep").mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    try:
+        return _prepare(src, out, split, name, shard_size, workers, seed, max_side, sources, classes, progress)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            raise
+        done = len(list((out / ".prep").glob(f"{name}-{split}-*.json")))
+        raise PrepError(f"{out}: {e.strerror or e} while writing {e.filename or 'a shard'}; the {done} shard(s) "
+                        "completed so far are kept: make room (or fix the directory) and re-run the same command "
+                        "to resume") from None
+
+
+def check_writable(out: Path) -> None:
+    """--out must be a directory we can write, checked before any shard is made."""
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"{out}: --out exists and is not a directory")
+    try:
+        (out / ".prep").mkdir(parents=True, exist_ok=True)
+        probe = out / ".prep" / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PrepError(f"{out}: --out is not writable ({e.strerror or e})") from None
+
+
+def _prepare(src, out, split, name, shard_size, workers, seed, max_side, sources, classes, progress) -> dict:
+    from tqdm import tqdm
+
+    info_path = out / INFO_FILE
     # Leftovers of an interrupted run: never complete, never listed, so remove them.
     for stale in [*out.glob(f".{name}-{split}-*.tar.tmp*"), *(out / ".prep").glob(f".{name}-{split}-*.tmp*")]:
         stale.unlink(missing_ok=True)
@@ -237,10 +303,15 @@ def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_si
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
             futures = {pool.submit(write_shard, str(src), str(out), n, m, max_side, fp): len(m)
                        for n, m, fp in todo}
-            for fut in as_completed(futures):
-                rec = fut.result()
-                records[rec["filename"]] = rec
-                bar.update(futures[fut])
+            try:
+                for fut in as_completed(futures):
+                    rec = fut.result()
+                    records[rec["filename"]] = rec
+                    bar.update(futures[fut])
+            except BaseException:
+                for fut in futures:  # the shards already written stay; the rest wait for the re-run
+                    fut.cancel()
+                raise
     bar.close()
 
     ordered = [records[n] for n in names]

@@ -50,10 +50,15 @@ def _num(v, digits: int = 0) -> str:
     return "/" if v is None else f"{v:.{digits}f}"
 
 
+def partly_evaluated(r: dict) -> bool:
+    """final_acc1 counted fewer validation samples than the split holds (unreadable ones were skipped)."""
+    return r.get("final_acc1") is not None and r.get("eval_samples", 0) < r.get("val_num_samples", 0)
+
+
 def table_row(r: dict, lang: str = "zh") -> list:
+    acc = _num(r.get("final_acc1"), 3) + ("*" if partly_evaluated(r) else "")
     return [config_label(r, lang), r["precision"], fix_hp_text(r.get("fix_hp", {})), _num(r.get("e2e_time")),
-            _num(r.get("p_whole")), _num(r.get("p_train")), _num(r.get("p_core")), _num(r.get("final_acc1"), 3),
-            r.get("mem") or "/"]
+            _num(r.get("p_whole")), _num(r.get("p_train")), _num(r.get("p_core")), acc, r.get("mem") or "/"]
 
 
 def _workload(r: dict) -> tuple:
@@ -85,7 +90,10 @@ def markdown_table(results: list[dict], lang: str = "zh") -> str:
         rows = [row + [e] for row, e in zip(rows, eff)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    notes = [f"\\* {config_label(r, lang)} {r['precision']}: final_acc1 over {r['eval_samples']} of "
+             f"{r['val_num_samples']} validation samples ({r['val_num_samples'] - r['eval_samples']} unreadable, "
+             "skipped)" for r in results if partly_evaluated(r)]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def plots(results: list[dict], out_dir: Path, lang: str = "en") -> list[Path]:

@@ -21,6 +21,15 @@ class Tracker:
         self.run_dir = Path(run_dir)
         if mode == "off" or not enabled:
             return
+        if mode == "online":
+            try:
+                self._init(project, entity, name, group, config)
+                return
+            except Exception as e:  # server unreachable, auth refused: keep the metrics in offline files
+                self._close_quietly()
+                self.mode = "offline"
+                print(f"wandb: online start failed ({type(e).__name__}: {str(e)[:200]}); logging offline instead, "
+                      f"upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`")
         self._guard("init", self._init, project, entity, name, group, config)
 
     def _init(self, project, entity, name, group, config):

@@ -1,0 +1,222 @@
+"""Fault suite, run side: preemption signals, a killed launcher, damaged checkpoints, resume on fewer
+processes, a full disk, two runs in one directory, non-finite losses and bad flags. Real `accelerate launch`
++ DeepSpeed (gloo), real signals, real filesystems (tmpfs for a full or read-only disk)."""
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from conftest import BIN, REPO, launch, results, run_env
+from test_trainer import common
+
+import train_vit
+from vitbench import checkpoint
+
+pytestmark = pytest.mark.slow
+LAUNCH = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
+          "--num_processes", "2", str(REPO / "train_vit.py")]
+
+
+def wait_for(condition, timeout=300, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def steps_saved(out):
+    return [s for s, _ in checkpoint.complete_checkpoints(out / "checkpoints")]
+
+
+# ---- 1. preemption ----------------------------------------------------------------------------
+def test_sigterm_to_the_launcher_checkpoints_the_step_and_resume_finishes(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    args = common(demo_shards, out, "--max-steps", "40", "--epochs", "10", "--checkpoint-every", "3",
+                  "--wandb", "off")
+    proc = subprocess.Popen([*LAUNCH, *args], cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: steps_saved(out), what="the first periodic checkpoint")
+    periodic = steps_saved(out)[-1]
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, "an interrupted job must not look finished"
+    r = results(out)
+    assert r["interrupted"] is True and "SIGTERM received" in log
+    newest = steps_saved(out)[-1]
+    assert periodic < newest == r["global_step"] < 40, (periodic, newest, log[-3000:])
+    assert checkpoint.damage(out / "checkpoints" / f"step_{newest:08d}") is None
+    assert r["train_samples"] == newest * 16 and r["p_core"] >= r["p_train"] >= r["p_whole"] > 0
+
+    launch([*args, "--resume", "auto"])
+    r = results(out)
+    assert (r["resumed_from_step"], r["global_step"], r["interrupted"]) == (newest, 40, False)
+
+
+def test_sigusr1_to_a_rank_stops_every_rank_after_the_same_step(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*LAUNCH, *common(demo_shards, out, "--max-steps", "60", "--epochs", "10",
+                                                  "--checkpoint-every", "2", "--wandb", "off")],
+                            cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: steps_saved(out), what="the first checkpoint")
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGUSR1)  # one rank only, as a node-local preemption notice
+    log = proc.communicate(timeout=120)[0]
+    r = results(out)
+    assert r["interrupted"] is True and "SIGUSR1 received" in log
+    assert len(set(r["replica_checksums"])) == 1, "both ranks stopped after the same step"
+    assert steps_saved(out)[-1] == r["global_step"] < 60
+
+
+def test_killed_launcher_takes_its_ranks_down_within_seconds(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*LAUNCH, *common(demo_shards, out, "--max-steps", "400", "--epochs", "60",
+                                                  "--checkpoint-every", "2", "--wandb", "off")],
+                            cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: steps_saved(out), what="the first checkpoint")
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    proc.kill()
+    proc.wait()
+    t0 = time.time()
+    _, alive = psutil.wait_procs(ranks, timeout=15)
+    assert not alive, f"ranks still running {time.time() - t0:.1f}s after the launcher died"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    time.sleep(1.5)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before, "nothing may write the run dir after"
+    assert not (out / "results.json").exists()
+
+
+# ---- 2. checkpoints you can trust ---------------------------------------------------------------
+def test_damaged_newest_checkpoints_are_skipped_for_the_newest_intact_one(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    args = common(demo_shards, out, "--max-steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "3",
+                  "--wandb", "off")
+    launch(args)
+    assert steps_saved(out) == [2, 4, 6]
+    ckpts = out / "checkpoints"
+    model_file = ckpts / "step_00000006" / checkpoint.DS_TAG / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated
+    (ckpts / "step_00000004" / checkpoint.DS_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    proc = launch([*args[:args.index("--max-steps")], "--max-steps", "8", *args[args.index("--max-steps") + 2:],
+                   "--resume", "auto"])
+    warned = [line for line in proc.stderr.splitlines() if "skipping damaged checkpoint" in line]
+    assert len(warned) == 2 and "step_00000006" in warned[0] and "step_00000004" in warned[1]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in warned[1]
+    r = results(out)
+    assert (r["resumed_from_step"], r["global_step"]) == (2, 8)
+
+
+def test_resume_on_fewer_processes_keeps_the_weights_and_the_global_batch(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    args = common(demo_shards, out, "--checkpoint-every", "2", "--wandb", "off", "--zero-stage", "2")
+    launch([*args, "--max-steps", "4"])
+    two = results(out)
+    # one process resumes the 2-process ZeRO-2 checkpoint: converted to DeepSpeed's universal format
+    proc = launch([*args, "--max-steps", "4", "--resume", "auto"], processes=1)
+    assert "to DeepSpeed's universal checkpoint format" in proc.stdout
+    one = results(out)
+    assert (one["world_size"], one["resumed_from_step"], one["global_step"]) == (1, 4, 4)
+    assert one["replica_checksums"] == two["replica_checksums"][:1], "the weights came through unchanged"
+    launch([*args, "--max-steps", "6", "--resume", "auto"], processes=1)
+    r = results(out)
+    assert (r["resumed_from_step"], r["global_step"], r["global_batch_size"]) == (4, 6, 16)
+    assert r["config"]["grad_accum_steps"] == 2  # 16 = 8 x 1 process x 2: the global batch is kept
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(demo_shards, tmp_path, small_fs):
+    ref = tmp_path / "ref"
+    launch(common(demo_shards, ref, "--max-steps", "1", "--wandb", "off"), processes=1)
+    size = sum(f.stat().st_size for f in (ref / "checkpoints" / "step_00000001").rglob("*") if f.is_file())
+
+    # Room for one checkpoint, not two: the second save is refused before it writes anything.
+    out = small_fs(int(size * 1.6)) / "run"
+    proc = launch(common(demo_shards, out, "--max-steps", "4", "--checkpoint-every", "2", "--wandb", "off"),
+                  processes=1, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"not enough space under {out / 'checkpoints'} for checkpoint step 4" in proc.stderr
+    assert "the previous checkpoint step 2 is intact" in proc.stderr
+    assert "the next save will not fit" in proc.stderr  # the early warning, at the first save
+    assert steps_saved(out) == [2] and checkpoint.damage(out / "checkpoints" / "step_00000002") is None
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+    # Less room than one checkpoint: the disk fills up in the middle of the write.
+    out = small_fs(int(size * 0.9)) / "run"
+    proc = launch(common(demo_shards, out, "--max-steps", "2", "--checkpoint-every", "1", "--wandb", "off"),
+                  processes=1, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"no space left on device writing checkpoint step 1 under {out / 'checkpoints'}" in proc.stderr
+    assert not list((out / "checkpoints").iterdir()), "no half-written checkpoint may stay"
+
+
+def test_one_run_per_output_directory_and_a_dead_runs_lock_does_not_block(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([str(BIN / "python"), str(REPO / "train_vit.py"),
+                              *common(demo_shards, out, "--max-steps", "400", "--epochs", "60", "--wandb", "off")],
+                             cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    wait_for(lambda: (out / ".lock").is_file() and "pid" in (out / ".lock").read_text(), what="the first run's lock")
+    second = launch(common(demo_shards, out, "--max-steps", "2", "--wandb", "off"), processes=1, check=False)
+    assert second.returncode == 2 and "is in use by a running training" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and first.poll() is None
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (out / ".lock").is_file()
+    launch(common(demo_shards, out, "--max-steps", "2", "--wandb", "off"), processes=1)
+    assert results(out)["global_step"] == 2
+
+
+def test_no_checkpoint_is_written_after_a_non_finite_loss(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(common(demo_shards, out, "--lr", "1e30", "--max-steps", "8", "--checkpoint-every", "1",
+                         "--log-interval", "100", "--wandb", "off"), check=False)
+    assert proc.returncode != 0 and "error: non-finite loss at step " in proc.stderr
+    bad_step = int(proc.stderr.split("non-finite loss at step ")[1].split()[0])
+    assert all(step < bad_step for step in steps_saved(out)), (steps_saved(out), bad_step)
+
+
+# ---- 3. flags are checked before any work ---------------------------------------------------------
+@pytest.mark.parametrize("flag, value", [
+    ("--batch-size", "0"), ("--global-batch-size", "0"), ("--epochs", "0"), ("--max-steps", "0"),
+    ("--eval-every", "0"), ("--log-interval", "0"), ("--checkpoint-every", "-1"), ("--keep-checkpoints", "0"),
+    ("--eval-batch-size", "0"), ("--workers", "-1"), ("--lr", "0"), ("--profile-steps", "5:5"),
+    ("--profile-steps", "3:1"), ("--profile-steps", "x"), ("--model-kwargs", "depth"),
+])
+def test_bad_flag_is_one_line_at_parse_time(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        train_vit.parse_args([flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and err[0].startswith("error:")
+
+
+def test_demo_fills_in_only_what_was_not_typed():
+    args = train_vit.parse_args(["--demo", "--precision", "amp", "--wandb", "online"])
+    assert (args.precision, args.wandb) == ("amp", "online")
+    assert (args.model, args.img_size) == (train_vit.DEMO["model"], train_vit.DEMO["img_size"])
+
+
+def test_read_only_output_dir_fails_at_start(demo_shards, tmp_path, small_fs):
+    out = small_fs(1 << 20, ro=True) / "run"
+    t0 = time.time()
+    proc = launch(common(demo_shards, out, "--max-steps", "2", "--wandb", "off"), processes=1, check=False)
+    assert proc.returncode == 2 and str(out) in proc.stderr and "Traceback" not in proc.stderr
+    assert "step 1/" not in proc.stdout and time.time() - t0 < 60
+
+
+def test_a_layout_change_that_cannot_resume_is_refused_at_start(tmp_path):
+    meta = {"world_size": 2, "zero_stage": 3, "global_batch_size": 16, "precision": "fp32"}
+    with pytest.raises(checkpoint.CheckpointError, match="2 processes with ZeRO-3, this launch has 1 processes"):
+        checkpoint.check_layout(meta, world_size=1, zero_stage=3, global_batch=16, precision="fp32")
+    with pytest.raises(checkpoint.CheckpointError, match="--global-batch-size 16, this launch has 32"):
+        checkpoint.check_layout({**meta, "zero_stage": 1}, world_size=1, zero_stage=1, global_batch=32,
+                                precision="fp32")
+    assert checkpoint.check_layout({**meta, "zero_stage": 1}, world_size=1, zero_stage=1, global_batch=16,
+                                   precision="fp32") is True
+    assert checkpoint.check_layout({**meta, "zero_stage": 0}, world_size=1, zero_stage=0, global_batch=16,
+                                   precision="fp32") is False

@@ -1,0 +1,129 @@
+"""What keeps a day-long run safe on a shared cluster: one run per output directory, a clean stop on
+preemption signals, and no rank left running when its launcher is gone.
+
+Exit statuses of a rank (README "What happens when..."):
+  0   finished            2   bad input or a clear error (nothing done is lost)
+  75  interrupted by SIGTERM/SIGUSR1 after saving a checkpoint of the step it was in (EX_TEMPFAIL:
+      relaunch with --resume auto)
+  76  its launcher died (kill -9, node agent gone): it exited without writing anything more
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+EXIT_INTERRUPTED = 75
+EXIT_ORPHANED = 76
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class LockError(Exception):
+    pass
+
+
+class RunLock:
+    """An exclusive lock on OUTPUT_DIR/.lock for the whole run (main process only). The kernel drops it
+    when the process dies, so a stale lock of a dead run never blocks; on NFS flock maps to POSIX locks."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise LockError(f"{out_dir}: cannot create the output directory or write in it "
+                            f"({e.strerror or e}); pick a writable --output-dir") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise LockError(f"{out_dir} is in use by a running training ({holder}); give this run its own "
+                            "--output-dir, or wait for that one to end") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+        try:  # the directory must take real writes, not just a lock file
+            probe = Path(out_dir) / f".write-test{os.getpid()}"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as e:
+            raise LockError(f"{out_dir}: not writable ({e.strerror or e}); pick a writable --output-dir") from None
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1 on any rank asks every rank to stop after the same step.
+
+    The handler only sets a flag. Each step every rank starts a non-blocking all-reduce (MAX) of its
+    flag on a CPU (gloo) group and reads the one it started the step before, so the hot path never
+    waits on it and all ranks see the same answer at the same step."""
+
+    def __init__(self, world_size: int):
+        import torch.distributed as dist
+
+        self.signal_name: str | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self.group = dist.new_group(backend="gloo") if world_size > 1 and dist.is_initialized() else None
+        self._pending = None
+
+    def _on_signal(self, signum, _frame):
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            print(f"{self.signal_name} received: stopping after this step with a checkpoint", file=sys.stderr,
+                  flush=True)
+
+    def agreed(self) -> bool:
+        """Called once per step on every rank: True when some rank was signalled (seen one step late)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.group is None:
+            return self.signal_name is not None
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([int(self.signal_name is not None)], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return stop
+
+    def finish(self) -> None:
+        """Wait for the all-reduce still in flight, so every rank leaves the loop with none pending."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+
+def ignore_stop_signals() -> None:
+    """For DataLoader workers: torchrun signals the rank's whole process group, and a worker that died
+    of it would take the batch the rank needs to finish its last step."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def exit_with_launcher(interval: float = 0.5) -> None:
+    """Under a launcher (torchrun sets TORCHELASTIC_RUN_ID), exit within about a second once it is gone,
+    instead of running on and writing the output directory with nobody to stop us."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        print(f"rank {os.environ.get('RANK', '?')}: the launcher (pid {parent}) is gone; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
