@@ -3,13 +3,15 @@
 
     python report.py runs/*/                        # markdown table, Chinese headers as the seed
     python report.py runs/*/ --lang en --plots out/  # English headers, PNG charts
+    python report.py runs/*/ --out study/            # study/report.md: table, scaling, precision x ZeRO,
+                                                     # step timelines, environments, and their PNGs
     python report.py --wandb-workspace ENTITY/PROJECT  # save the standard W&B dashboard (online)
 """
 import argparse
 import sys
 from pathlib import Path
 
-from vitbench import reporting
+from vitbench import reporting, study
 
 
 def main(argv=None) -> int:
@@ -17,6 +19,8 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="*", help="run directories or results.json files")
     p.add_argument("--lang", choices=["zh", "en"], default="zh")
     p.add_argument("--plots", type=Path, default=None, help="write throughput.png and breakdown.png here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write report.md and its PNGs here (from results.json and metrics.jsonl)")
     p.add_argument("--wandb-workspace", metavar="ENTITY/PROJECT", default=None,
                    help="save a W&B workspace with the standard panels")
     args = p.parse_args(argv)
@@ -32,6 +36,9 @@ def main(argv=None) -> int:
         if args.plots:
             for path in reporting.plots(results, args.plots):
                 print(f"wrote {path}")
+        if args.out:
+            run_dirs = [Path(r) if Path(r).is_dir() else Path(r).parent for r in args.runs]
+            print(f"wrote {study.write_report(results, run_dirs, args.out)}")
     if args.wandb_workspace:
         workspace = reporting.build_workspace(args.wandb_workspace).save()
         print(f"saved W&B workspace: {workspace.url}")

@@ -13,19 +13,36 @@ The story, top to bottom: config -> data -> model -> accelerate/DeepSpeed -> loo
 import argparse
 import ast
 import fcntl
+import hashlib
+import importlib.util
+import math
 import os
 import re
 import sys
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import psutil
+import timm
 import torch
+from accelerate import Accelerator
+from accelerate.utils import (DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, gather_object,
+                              set_seed)
+from deepspeed.accelerator import get_accelerator
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import CosineLRScheduler
 
-from vitbench import checkpoint, data, dsconfig, lifecycle, precision, runinfo
-from vitbench.profiler import StepProfiler, peak_tflops, process_memory_probe, train_flops_per_sample
+from vitbench import checkpoint, dali_loader, data, dsconfig, lifecycle, precision, runinfo
+from vitbench import metrics as M
+from vitbench.metrics import DeviceMemoryMonitor
+from vitbench.prep import write_json_atomic
+from vitbench.profiler import StepProfiler, TraceWindow, peak_tflops, train_flops_per_sample
+from vitbench.reporting import table_row
 from vitbench.tracking import Tracker
 
 REPO = Path(__file__).resolve().parent
@@ -91,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shards + _info.json (default: $VITBENCH_DATA_DIR or %(default)s)")
     g.add_argument("--workers", "-j", type=nonneg, default=None,
                    help="data loader processes per device (default: this machine's cores / devices, at most 16)")
+    g.add_argument("--loader", choices=["wds", "dali"], default="wds",
+                   help="train loader: wds (shard reader + PIL/timm transforms in worker processes) or dali "
+                        "(NVIDIA DALI: nvjpeg decode and augmentation on the GPU; CPU operators on a CPU)")
     g.add_argument("--demo", action="store_true", help="build the demo shards if missing and run a CPU-sized demo")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224", help="any timm model name")
@@ -142,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile-steps", type=step_range, default=None, metavar="A:B",
                    help="torch.profiler trace of steps A..B (0 <= A < B)")
     g.add_argument("--peak-tflops", type=pos_float, default=None, help="device peak for MFU (default: known table)")
+    g.add_argument("--deepspeed-throughput-timer", action="store_true",
+                   help="also run DeepSpeed's ThroughputTimer (a second opinion on p_core; it synchronizes the "
+                        "device every step: for benchmarks only)")
     g.add_argument("--wandb", choices=["online", "offline", "off"], default="online",
                    help="online falls back to offline when there are no credentials")
     g.add_argument("--wandb-project", default="vitbench")
@@ -185,8 +208,6 @@ def fail(msg: str):
 def check_inputs(args, lay: dict):
     """Everything that can be wrong with the flags, the data and the checkpoint to resume, reported before
     any heavy work: a day-long run must never die late on something knowable at start."""
-    import timm
-
     world_size = lay["world_size"]
     if not timm.is_model(args.model):
         fail(f"unknown model '{args.model}' (see timm.list_models())")
@@ -196,6 +217,14 @@ def check_inputs(args, lay: dict):
              f"x {world_size} devices")
     if (args.mixup or args.cutmix) and args.batch_size % 2:
         fail(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    if args.loader == "dali":
+        if importlib.util.find_spec("nvidia.dali") is None:
+            fail("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda130; `make setup` installs it)")
+        if args.batch_size % args.aug_repeats:
+            fail(f"--loader dali needs --batch-size ({args.batch_size}) divisible by --aug-repeats "
+                 f"({args.aug_repeats})")
+        if args.aa and not args.aa.startswith("rand"):
+            fail(f"--loader dali supports RandAugment policies ('rand-m9-mstd0.5'), not --aa '{args.aa}'")
     if args.resume == "auto" and not (args.output_dir or args.run_name):
         fail("--resume auto needs the run's --output-dir (or --run-name): default run names carry a timestamp")
     try:
@@ -204,7 +233,8 @@ def check_inputs(args, lay: dict):
         precision.check_supported(args.precision)
         ds_config = dsconfig.build(dsconfig.config_path(args.deepspeed_config), micro_batch=args.batch_size,
                                    grad_accum=args.global_batch_size // per_step, world_size=world_size,
-                                   clip_grad=args.clip_grad, precision=args.precision, zero_stage=args.zero_stage)
+                                   clip_grad=args.clip_grad, precision=args.precision, zero_stage=args.zero_stage,
+                                   throughput_timer=args.deepspeed_throughput_timer)
         out_dir = output_dir(args)
         say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
         resume_from = checkpoint.resolve_resume(args.resume, out_dir / "checkpoints" if out_dir else None,
@@ -248,80 +278,63 @@ class TrainState:
         vars(self).update(sd)
 
 
-def reduce_max(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.tolist()
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation: every validation sample exactly once across ranks
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, stream, accelerator, in_dtype, img_size: int, lockstep: bool) -> dict:
-    model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, count, skipped
-    batches = 0
-    for batch in data.validation_loader(stream, pin_memory=accelerator.device.type == "cuda"):
-        x = batch["images"].to(accelerator.device, in_dtype, non_blocking=True)
-        y = batch["labels"].to(accelerator.device, non_blocking=True)
-        logits = model(x).float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.stack([
-            torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-            (top5[:, 0] == y).sum().double(),
-            (top5 == y[:, None]).any(dim=1).sum().double(),
-            torch.tensor(float(len(y)), dtype=torch.float64, device=sums.device),
-            torch.tensor(float(batch["skipped"]), dtype=torch.float64, device=sums.device),
-        ])
-        batches += 1
-    if lockstep:  # ZeRO-3 gathers parameters inside forward: every rank must run as many forwards
-        pad = torch.zeros(1, 3, img_size, img_size, dtype=in_dtype, device=accelerator.device)
-        for _ in range(stream.max_batches_per_rank() - batches):
-            model(pad)  # outputs discarded: padding is never counted
-    sums = accelerator.reduce(sums, reduction="sum")
-    loss, top1, top5, count, skipped = sums.tolist()
-    model.train()
-    return {"acc1": 100 * top1 / max(count, 1), "acc5": 100 * top5 / max(count, 1),
-            "loss": loss / max(count, 1), "samples": int(count), "skipped": int(skipped)}
+# ================================================================================================
+# main: the whole story on one screen
+# ================================================================================================
+def main(argv=None):
+    run = setup(parse_args(argv))  # config -> data -> model -> accelerate/DeepSpeed -> profiler/tracking
+    args, state, prof = run.args, run.state, run.prof
+    prof.train_start()
+    with run.fatal_errors():
+        with TraceWindow(args.profile_steps, state.step, run.out_dir, run.rank, prof.pause) as trace:
+            while not run.over():
+                for micro_batches in run.epoch_batches():  # a step's batches: on the device, normalized, mixed
+                    prof.compute_start()
+                    logits, nonfinite = train_step(run.engine, micro_batches, run.loss_fn, run.loss_sum)
+                    prof.step_end()
+                    run.step_done(logits, nonfinite)  # counters, LR schedule, precision and non-finite checks
+                    trace.step(state.step)
+                    if state.step % args.log_interval == 0 or state.step == run.total_steps:
+                        run.log_row()
+                    if run.stop.agreed():  # SIGTERM/SIGUSR1 on any rank: checkpoint below, exit 75
+                        run.interrupted = True
+                        break
+                    if run.checkpoint_due():
+                        with prof.pause("checkpoint"):
+                            run.save_checkpoint()
+                if run.eval_due():
+                    with prof.pause("eval"):
+                        run.evaluate()
+        prof.train_end()
+        run.stop.finish()
+        run.save_checkpoint()
+    return finish(run)
 
 
 # ------------------------------------------------------------------------------------------------
 # One training step: the micro-batches of one optimizer step, forward + backward + step
 # ------------------------------------------------------------------------------------------------
-def train_step(model, micro_batches, train_loss, accelerator, loss_sum):
-    """Returns the last logits and a device flag: was any micro-batch's loss non-finite (no sync here)."""
+def train_step(engine, micro_batches, loss_fn, loss_sum):
+    """Returns the last logits and a device flag: was any micro-batch's loss non-finite (no sync here).
+    The DeepSpeed engine is driven directly: it accumulates gradients over micro-batches and steps (with
+    clipping and loss scaling) at the accumulation boundary, so nothing else wraps the hot path."""
     nonfinite = torch.zeros((), dtype=torch.bool, device=loss_sum.device)
     for x, y in micro_batches:
-        with accelerator.accumulate(model):
-            logits = model(x)
-            loss = train_loss(logits.float(), y)
-            accelerator.backward(loss)
+        logits = engine(x)
+        loss = loss_fn(logits.float(), y)
+        engine.backward(loss)
+        engine.step()
         loss = loss.detach()
         loss_sum += loss
         nonfinite |= ~torch.isfinite(loss)
     return logits, nonfinite
 
 
-NO_BAD_STEP = 2**62
-
-
-def check_finite(first_bad_step):
-    """All ranks agree (MIN over ranks) on the first step with a non-finite loss; stop before that step
-    can reach a checkpoint or another log row."""
-    bad = first_bad_step.clone()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-    if bad.item() != NO_BAD_STEP:
-        fail(f"non-finite loss at step {bad.item()} (not a step the loss scaler skipped); no checkpoint was "
-             "written after it: lower --lr or check the data, then resume from the last checkpoint")
-
-
 # ------------------------------------------------------------------------------------------------
-def main(argv=None):
-    # ---- config: flags, data, DeepSpeed config and checkpoint checked before any heavy work ----------
-    args = parse_args(argv)
+# Set-up
+# ------------------------------------------------------------------------------------------------
+def setup(args) -> "Run":
+    # ---- config: flags, data, DeepSpeed config and checkpoint, all checked before any heavy work ----
     runinfo.single_process_env()
     lifecycle.exit_with_launcher()
     lay = runinfo.layout()
@@ -331,36 +344,25 @@ def main(argv=None):
         build_demo_shards()
     train_shards, val_shards, ds_config, resume_from, universal = check_inputs(args, lay)
 
-    # ---- accelerate + DeepSpeed -------------------------------------------------------------
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
-
+    # ---- accelerate + DeepSpeed process group, run name and output directory -------------------
     handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config), kwargs_handlers=handlers,
                               gradient_accumulation_steps=ds_config["gradient_accumulation_steps"])
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    zero_stage = ds_config["zero_optimization"]["stage"]
-    grad_accum = ds_config["gradient_accumulation_steps"]
+    device = accelerator.device
     precision.set_tf32(args.precision == "tf32")
-
+    zero_stage = ds_config["zero_optimization"]["stage"]
     run_name = args.run_name or (f"{args.model}_{lay['nnodes']}x{lay['nproc_per_node']}_{args.precision}_"
                                  f"z{zero_stage}_{time.strftime('%Y%m%d-%H%M%S')}")
     run_name = broadcast_object_list([run_name])[0]  # one name for all ranks and nodes
     out_dir = output_dir(args, run_name)
-    ckpt_dir = out_dir / "checkpoints"
+    run_lock = None
     if accelerator.is_main_process:
         try:  # one run per output directory, held until this process ends
-            run_lock = lifecycle.RunLock(out_dir)  # noqa: F841
+            run_lock = lifecycle.RunLock(out_dir)
         except lifecycle.LockError as e:
             fail(str(e))
-    stop = lifecycle.StopRequest(world)  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
 
-    # ---- model, optimizer, schedule ---------------------------------------------------------
-    import timm
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.scheduler import CosineLRScheduler
-
+    # ---- model, optimizer, LR schedule, engine ------------------------------------------------
     img_size = args.img_size or 224
     model_kwargs = dict(num_classes=train_shards.num_classes, img_size=img_size, **args.model_kwargs)
     if args.patch_size:
@@ -372,242 +374,365 @@ def main(argv=None):
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         fail(f"--model {args.model} with {model_kwargs}: {type(e).__name__}: {e}")
     n_params = sum(p.numel() for p in model.parameters())
-    flops_per_sample = train_flops_per_sample(make_model, img_size)
     lr = args.lr or args.lr_base * args.global_batch_size / args.lr_base_size
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    # Fused AdamW (one kernel for all parameters, no per-tensor Python loop) where the device has it.
+    fused = device.type in ("cuda", "cpu", "xpu")  # devices with torch's fused AdamW kernel
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=fused or None)
     steps_per_epoch = max(1, train_shards.num_samples // args.global_batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     # Stepped per optimizer update (FlagPerf steps per epoch): the same curve, without the staircase.
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, args.epochs * steps_per_epoch - warmup_steps),
-                                  lr_min=args.min_lr, warmup_t=warmup_steps,
-                                  warmup_lr_init=lr * args.warmup_lr_factor, warmup_prefix=True,
-                                  t_in_epochs=False)
-    model, optimizer = accelerator.prepare(model, optimizer)
+                                  lr_min=args.min_lr, warmup_t=warmup_steps, warmup_lr_init=lr * args.warmup_lr_factor,
+                                  warmup_prefix=True, t_in_epochs=False)
+    engine, optimizer = accelerator.prepare(model, optimizer)
     if args.compile:
-        model.compile()
+        engine.compile()
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     if resume_from:
-        load_from = resume_from
-        try:
-            if universal:  # another number of processes wrote it: load DeepSpeed's universal conversion
-                if accelerator.is_main_process:
-                    checkpoint.to_universal(resume_from, log=accelerator.print)
-                accelerator.wait_for_everyone()
-                load_from = resume_from / checkpoint.UNIVERSAL
-            accelerator.load_state(str(load_from))
-        except checkpoint.CheckpointError as e:
-            fail(str(e))
-        except Exception as e:
-            fail(f"checkpoint {resume_from} does not load ({type(e).__name__}: {str(e)[:300]}); move it aside to "
-                 "resume from the one before it")
-        accelerator.print(f"resumed from {resume_from} at step {state.step}"
-                          + (" (universal checkpoint: the number of processes changed)" if universal else ""))
-    resumed_from_step = state.step
-    set_seed(args.seed + rank + 1000 * state.step)  # mixup and augmentation differ per rank and resume
-    # What a checkpoint's files need at least (fp32 weights + two Adam moments): the free-space check's
-    # floor before the first save, when no earlier checkpoint's size is known.
-    save_checkpoint = partial(checkpoint.save, accelerator, ckpt_dir, keep=args.keep_checkpoints,
-                              min_bytes=12 * n_params)
-    ckpt_meta = {"world_size": world, "zero_stage": zero_stage, "global_batch_size": args.global_batch_size,
-                 "precision": args.precision}
+        resume(accelerator, resume_from, universal, state)
+    set_seed(args.seed + accelerator.process_index + 1000 * state.step)  # augmentation differs per rank, resume
 
+    # ---- data: loss, mixup and the device-side batch preparation -------------------------------
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                   num_classes=train_shards.num_classes) if args.mixup or args.cutmix else None
-    train_loss = SoftTargetCrossEntropy() if mixup else \
+    loss_fn = SoftTargetCrossEntropy() if mixup else \
         LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else torch.nn.CrossEntropyLoss()
     in_dtype = precision.input_dtype(args.precision)
 
-    # ---- data --------------------------------------------------------------------------------
-    train_tf = data.train_transform(img_size, args.aa or None)
-    val_stream = data.ValidationStream(val_shards, data.eval_transform(img_size), args.eval_batch_size, rank, world,
-                                       args.workers)
-    pin = device.type == "cuda"
-
-    # ---- profiler and tracking ---------------------------------------------------------------
-    from deepspeed.accelerator import get_accelerator
-
+    # ---- profiler and tracking ------------------------------------------------------------------
     env = runinfo.environment(device, REPO)
-    peak = args.peak_tflops or peak_tflops(env["device_name"] if device.type == "cuda" else None, args.precision)
+    peak, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else \
+        peak_tflops(env["device_name"] if device.type == "cuda" else None, args.precision)
+    flops_per_sample = train_flops_per_sample(make_model, img_size)
     event_cls = get_accelerator().Event  # None on synchronous devices (CPU): host clock there
-    prof = StepProfiler(global_batch=args.global_batch_size, world_size=world, warmup_steps=args.timing_warmup_steps,
-                        synchronize=get_accelerator().synchronize,
+    prof = StepProfiler(global_batch=args.global_batch_size, world_size=accelerator.num_processes,
+                        warmup_steps=args.timing_warmup_steps, synchronize=get_accelerator().synchronize,
                         make_event=partial(event_cls, enable_timing=True) if event_cls else None,
                         reduce_max=partial(reduce_max, device=device), flops_per_sample=flops_per_sample,
-                        peak_tflops_per_device=peak, memory_probe=process_memory_probe(device))
-    config = dict(vars(args))
-    attn = getattr(getattr(model.module, "blocks", [None])[0], "attn", None)
-    config.update(fused_attn=getattr(attn, "fused_attn", None), lr=lr, zero_stage=zero_stage,
-                  grad_accum_steps=grad_accum, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps, deepspeed_config=ds_config, flops_per_sample=flops_per_sample,
-                  peak_tflops_per_device=peak, **lay)
+                        peak_tflops_per_device=peak, memory_probe=DeviceMemoryMonitor(device).probe)
+    attn = getattr(getattr(engine.module, "blocks", [None])[0], "attn", None)
+    grad_accum = ds_config["gradient_accumulation_steps"]
+    config = {**vars(args), **lay, "fused_attn": getattr(attn, "fused_attn", None), "lr": lr,
+              "zero_stage": zero_stage, "grad_accum_steps": grad_accum, "steps_per_epoch": steps_per_epoch,
+              "total_steps": total_steps, "deepspeed_config": ds_config, "flops_per_sample": flops_per_sample,
+              "peak_tflops_per_device": peak, "peak_tflops_source": peak_source,
+              "optimizer": f"torch.optim.AdamW(fused={fused})"}
     tracker = Tracker(args.wandb, enabled=accelerator.is_main_process, run_dir=out_dir, project=args.wandb_project,
                       entity=args.wandb_entity, name=run_name, group=args.wandb_group or run_name,
                       config={**config, "env": env})
-    torch_prof = None
-    prof_a, prof_b = args.profile_steps or (-1, -1)
-    accelerator.print(f"{run_name}: {args.model} {img_size}px, {world} device(s), {args.precision}, ZeRO-{zero_stage}, "
-                      f"global batch {args.global_batch_size} = {args.batch_size} x {world} x {grad_accum} accum, "
-                      f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
-
-    def export_trace():
-        with prof.pause("profile_export"):
-            torch_prof.stop()
-            trace_dir = out_dir / "profile"
-            trace_dir.mkdir(parents=True, exist_ok=True)
-            torch_prof.export_chrome_trace(str(trace_dir / f"trace_rank{rank}.json"))
-
-    # ---- the loop ----------------------------------------------------------------------------
-    loss_sum, loss_terms = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
-    logits_dtype, skipped_steps = None, model.skipped_steps
-    has_scaler = args.precision in ("amp", "fp16")  # without one, a skipped step is no excuse
-    train_skipped, evals, final, done, interrupted = 0, [], None, False, False
-    model.train()
-    prof.train_start()
-    try:
-        while state.step < total_steps and not done and not interrupted:
-            steps_now = min(steps_per_epoch - state.step_in_epoch, total_steps - state.step)
-            loader = data.train_loader(train_shards, train_tf, args.batch_size, steps_now * grad_accum, rank=rank,
-                                       world_size=world, workers=args.workers, seed=args.seed,
-                                       epoch=state.epoch * 1_000_003 + state.step, repeats=args.aug_repeats,
-                                       pin_memory=pin)
-            batches = iter(loader)
-            for _ in range(steps_now):
-                prof.data_start()
-                micro = []
-                for _ in range(grad_accum):
-                    b = next(batches)
-                    train_skipped += b["skipped"]
-                    x = b["images"].to(device, non_blocking=True)
-                    y = b["labels"].to(device, non_blocking=True)
-                    if mixup:
-                        x, y = mixup(x, y)
-                    micro.append((x.to(in_dtype), y))
-                if state.step == prof_a:
-                    torch_prof = torch.profiler.profile(record_shapes=True, with_stack=False)
-                    torch_prof.start()
-                prof.compute_start()
-                logits, nonfinite = train_step(model, micro, train_loss, accelerator, loss_sum)
-                loss_terms += len(micro)
-                prof.step_end()
-                if logits_dtype is None:  # first step of this launch: is the precision what its label says?
-                    logits_dtype = logits.dtype
-                    precision.verify(args.precision, precision.in_effect(model, logits_dtype))
-                if not (has_scaler and model.skipped_steps != skipped_steps):  # a step the loss scaler skipped
-                    first_bad_step = torch.where(nonfinite, torch.clamp(first_bad_step, max=state.step + 1),
-                                                 first_bad_step)
-                skipped_steps = model.skipped_steps
-                state.step += 1
-                state.step_in_epoch += 1
-                scheduler.step_update(state.step)
-                if torch_prof and state.step >= prof_b:
-                    export_trace()
-                    torch_prof = None
-
-                if state.step % args.log_interval == 0 or state.step == total_steps:
-                    check_finite(first_bad_step)
-                    row = prof.interval_row()
-                    row["loss"] = accelerator.reduce(loss_sum, reduction="mean").item() / loss_terms
-                    loss_sum.zero_()
-                    loss_terms = 0
-                    row["lr"] = optimizer.param_groups[0]["lr"]
-                    grad_norm = model.get_global_grad_norm()
-                    row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
-                    row["loss_scale"] = loss_scale(model)
-                    row["epoch"] = state.epoch + state.step_in_epoch / steps_per_epoch
-                    tracker.log_step(state.step, row)
-                    accelerator.print(format_row(state.step, total_steps, row))
-                if stop.agreed():
-                    interrupted = True
-                    break
-                if args.checkpoint_every and state.step % args.checkpoint_every == 0 and state.step < total_steps:
-                    check_finite(first_bad_step)
-                    with prof.pause("checkpoint"):
-                        save_checkpoint(state.step, meta={"epoch": state.epoch, **ckpt_meta})
-            del batches, loader
-            if state.step_in_epoch >= steps_per_epoch:
-                state.epoch += 1
-                state.step_in_epoch = 0
-            if interrupted:
-                break
-            if (state.step_in_epoch == 0 and state.epoch % args.eval_every == 0) or state.step >= total_steps:
-                with prof.pause("eval"):
-                    final = evaluate(model, val_stream, accelerator, in_dtype, img_size, lockstep=zero_stage == 3)
-                evals.append({"epoch": state.epoch, "step": state.step, **final})
-                tracker.log_eval(state.epoch, final)
-                accelerator.print(f"eval epoch {state.epoch} step {state.step}: top-1 {final['acc1']:.2f}  "
-                                  f"top-5 {final['acc5']:.2f}  loss {final['loss']:.4f}  ({final['samples']} images)")
-                if args.target_acc1 is not None and final["acc1"] >= args.target_acc1:
-                    accelerator.print(f"reached target top-1 {args.target_acc1}")
-                    done = True
-        if torch_prof:  # the run ended inside the --profile-steps window: keep what was traced
-            export_trace()
-        prof.train_end()
-        stop.finish()
-        check_finite(first_bad_step)
-        save_checkpoint(state.step, meta={"epoch": state.epoch, **ckpt_meta})
+    accelerator.print(f"{run_name}: {args.model} {img_size}px, {accelerator.num_processes} device(s), "
+                      f"{args.precision}, ZeRO-{zero_stage}, global batch {args.global_batch_size} = "
+                      f"{args.batch_size} x {accelerator.num_processes} x {grad_accum} accum, {total_steps} steps "
+                      f"({steps_per_epoch}/epoch), lr {lr:.3g}")
+    try:  # --loader dali: the pipeline is built once per launch (it opens every train shard)
+        dali = dali_loader.DaliTrainLoader(
+            train_shards, img_size, args.aa or None, args.batch_size, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, threads=args.workers, seed=args.seed + 1000 * state.step,
+            repeats=args.aug_repeats, device=device) if args.loader == "dali" else None
     except data.DataError as e:
-        fail(data.error_message(e))
+        fail(str(e))
+    return Run(
+        args=args, lay=lay, accelerator=accelerator, engine=engine, optimizer=optimizer, scheduler=scheduler,
+        state=state, prof=prof, tracker=tracker, stop=lifecycle.StopRequest(accelerator.num_processes),
+        run_name=run_name, out_dir=out_dir, run_lock=run_lock, zero_stage=zero_stage, grad_accum=grad_accum,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, img_size=img_size, n_params=n_params,
+        train_shards=train_shards, val_shards=val_shards, train_tf=data.train_transform(img_size, args.aa or None),
+        val_stream=data.ValidationStream(val_shards, data.eval_transform(img_size), args.eval_batch_size,
+                                         accelerator.process_index, accelerator.num_processes, args.workers),
+        dali=dali,
+        to_train_input=data.OnDevice(device, in_dtype, mixup), to_eval_input=data.OnDevice(device, in_dtype),
+        loss_fn=loss_fn, env=env, config=config, resumed_from_step=state.step)
+
+
+def resume(accelerator, resume_from: Path, universal: bool, state: TrainState) -> None:
+    load_from = resume_from
+    try:
+        if universal:  # another number of processes wrote it: load DeepSpeed's universal conversion
+            if accelerator.is_main_process:
+                checkpoint.to_universal(resume_from, log=accelerator.print)
+            accelerator.wait_for_everyone()
+            load_from = resume_from / checkpoint.UNIVERSAL
+        accelerator.load_state(str(load_from))
     except checkpoint.CheckpointError as e:
         fail(str(e))
-    if interrupted:
-        accelerator.print(f"interrupted by {stop.signal_name or 'a signal on another rank'}: checkpoint of step "
-                          f"{state.step} saved; relaunch with --resume auto --output-dir {out_dir}")
+    except Exception as e:
+        fail(f"checkpoint {resume_from} does not load ({type(e).__name__}: {str(e)[:300]}); move it aside to "
+             "resume from the one before it")
+    accelerator.print(f"resumed from {resume_from} at step {state.step}"
+                      + (" (universal checkpoint: the number of processes changed)" if universal else ""))
 
-    # ---- results -----------------------------------------------------------------------------
-    timing = prof.summary()
-    replicas = replica_checksums(model, accelerator, zero_stage)
+
+def reduce_max(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+NO_BAD_STEP = 2**62
+
+
+# ------------------------------------------------------------------------------------------------
+# The run: what the loop reads and the pieces it calls
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    args: argparse.Namespace
+    lay: dict
+    accelerator: Accelerator
+    engine: object  # deepspeed.DeepSpeedEngine
+    optimizer: object
+    scheduler: CosineLRScheduler
+    state: TrainState
+    prof: StepProfiler
+    tracker: Tracker
+    stop: lifecycle.StopRequest
+    run_name: str
+    out_dir: Path
+    run_lock: object
+    zero_stage: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    img_size: int
+    n_params: int
+    train_shards: data.ShardSet
+    val_shards: data.ShardSet
+    train_tf: object
+    val_stream: data.ValidationStream
+    dali: object  # dali_loader.DaliTrainLoader with --loader dali, else None
+    to_train_input: data.OnDevice
+    to_eval_input: data.OnDevice
+    loss_fn: object
+    env: dict
+    config: dict
+    resumed_from_step: int
+    interrupted: bool = False
+    reached_target: bool = False
+    evals: list = field(default_factory=list)
+    train_skipped: int = 0
+    logits_dtype: torch.dtype | None = None
+    loss_terms: int = 0
+
+    def __post_init__(self):
+        device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+        self.first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
+        self.skipped_steps = self.engine.skipped_steps
+        self.has_scaler = self.args.precision in ("amp", "fp16")  # without one, a skipped step is no excuse
+
+    def over(self) -> bool:
+        return self.state.step >= self.total_steps or self.reached_target or self.interrupted
+
+    @contextmanager
+    def fatal_errors(self):
+        """Bad data and failed saves end the run with their one-line message (exit 2)."""
+        try:
+            yield
+        except data.DataError as e:
+            fail(data.error_message(e))
+        except checkpoint.CheckpointError as e:
+            fail(str(e))
+
+    def epoch_batches(self):
+        """The rest of this epoch, one optimizer step's micro-batches at a time, each ready on the device.
+        The profiler's data wait runs from asking for a step's batches to their being ready (copy,
+        normalization and mixup on the device included)."""
+        state, args = self.state, self.args
+        steps = min(self.steps_per_epoch - state.step_in_epoch, self.total_steps - state.step)
+        if self.dali:
+            batches = self.dali.batches(steps * self.grad_accum)
+        else:
+            batches = iter(data.train_loader(
+                self.train_shards, self.train_tf, args.batch_size, steps * self.grad_accum, rank=self.rank,
+                world_size=self.accelerator.num_processes, workers=args.workers, seed=args.seed, epoch=state.epoch,
+                resume_step=state.step_in_epoch, repeats=args.aug_repeats,
+                pin_memory=self.accelerator.device.type == "cuda"))
+        for _ in range(steps):
+            self.prof.data_start()
+            micro = []
+            for _ in range(self.grad_accum):
+                b = next(batches)
+                self.train_skipped += b["skipped"]
+                micro.append(self.to_train_input(b["images"], b["labels"]))
+            yield micro
+        if state.step_in_epoch >= self.steps_per_epoch:
+            state.epoch += 1
+            state.step_in_epoch = 0
+
+    def step_done(self, logits, nonfinite) -> None:
+        state = self.state
+        self.loss_terms += self.grad_accum
+        if self.logits_dtype is None:  # first step of this launch: is the precision what its label says?
+            self.logits_dtype = logits.dtype
+            precision.verify(self.args.precision, precision.in_effect(self.engine, logits.dtype))
+        if not (self.has_scaler and self.engine.skipped_steps != self.skipped_steps):  # not a scaler-skipped step
+            self.first_bad_step = torch.where(nonfinite, torch.clamp(self.first_bad_step, max=state.step + 1),
+                                              self.first_bad_step)
+        self.skipped_steps = self.engine.skipped_steps
+        state.step += 1
+        state.step_in_epoch += 1
+        self.scheduler.step_update(state.step)
+
+    def check_finite(self) -> None:
+        """All ranks agree (MIN over ranks) on the first step with a non-finite loss; stop before that step
+        can reach a checkpoint or another log row."""
+        bad = self.first_bad_step.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        if bad.item() != NO_BAD_STEP:
+            fail(f"non-finite loss at step {bad.item()} (not a step the loss scaler skipped); no checkpoint was "
+                 "written after it: lower --lr or check the data, then resume from the last checkpoint")
+
+    def log_row(self) -> None:
+        self.check_finite()
+        state = self.state
+        row = self.prof.interval_row()
+        grad_norm = self.engine.get_global_grad_norm()
+        row.update({
+            M.LOSS: self.accelerator.reduce(self.loss_sum, reduction="mean").item() / self.loss_terms,
+            M.LR: self.optimizer.param_groups[0]["lr"],
+            M.GRAD_NORM: float(grad_norm) if grad_norm is not None else None,
+            M.LOSS_SCALE: loss_scale(self.engine),
+            M.EPOCH: state.epoch + state.step_in_epoch / self.steps_per_epoch,
+        })
+        self.loss_sum.zero_()
+        self.loss_terms = 0
+        self.tracker.log_step(state.step, row)
+        self.accelerator.print(format_row(state.step, self.total_steps, row))
+
+    def checkpoint_due(self) -> bool:
+        every = self.args.checkpoint_every
+        return bool(every) and self.state.step % every == 0 and self.state.step < self.total_steps
+
+    def save_checkpoint(self) -> None:
+        self.check_finite()
+        meta = {"epoch": self.state.epoch, "world_size": self.accelerator.num_processes,
+                "zero_stage": self.zero_stage, "global_batch_size": self.args.global_batch_size,
+                "precision": self.args.precision}
+        # The floor of the free-space check before the first save (no earlier checkpoint's size known yet):
+        # fp32 weights + two Adam moments.
+        checkpoint.save(self.accelerator, self.out_dir / "checkpoints", self.state.step,
+                        keep=self.args.keep_checkpoints, meta=meta, min_bytes=12 * self.n_params)
+        self.tracker.log_event("checkpoint", self.state.step)
+
+    def eval_due(self) -> bool:
+        state = self.state
+        if self.interrupted:
+            return False
+        return (state.step_in_epoch == 0 and state.epoch % self.args.eval_every == 0) or state.step >= self.total_steps
+
+    def evaluate(self) -> None:
+        state, target = self.state, self.args.target_acc1
+        final = evaluate(self.engine, self.val_stream, self.accelerator, self.to_eval_input, self.img_size,
+                         lockstep=self.zero_stage == 3)
+        self.evals.append({"epoch": state.epoch, "step": state.step, **final})
+        self.tracker.log_eval(state.epoch, state.step, final)
+        self.accelerator.print(f"eval epoch {state.epoch} step {state.step}: top-1 {final[M.ACC1]:.2f}  "
+                               f"top-5 {final[M.ACC5]:.2f}  loss {final[M.VAL_LOSS]:.4f}  "
+                               f"({final[M.EVAL_SAMPLES]} images)")
+        if target is not None and final[M.ACC1] >= target:
+            self.accelerator.print(f"reached target top-1 {target}")
+            self.reached_target = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: every validation sample exactly once across ranks
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, stream, accelerator, to_input, img_size: int, lockstep: bool) -> dict:
+    model.eval()
+    device = accelerator.device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, skipped
+    batches = 0
+    for batch in data.validation_loader(stream, pin_memory=device.type == "cuda"):
+        x, y = to_input(batch["images"], batch["labels"])
+        logits = model(x).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.stack([
+            torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+            (top5[:, 0] == y).sum().double(),
+            (top5 == y[:, None]).any(dim=1).sum().double(),
+            torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+            torch.tensor(float(batch["skipped"]), dtype=torch.float64, device=device),
+        ])
+        batches += 1
+    if lockstep:  # ZeRO-3 gathers parameters inside forward: every rank must run as many forwards
+        pad = torch.zeros(1, 3, img_size, img_size, dtype=to_input.dtype, device=device)
+        for _ in range(stream.max_batches_per_rank() - batches):
+            model(pad)  # outputs discarded: padding is never counted
+    sums = accelerator.reduce(sums, reduction="sum")
+    loss, top1, top5, count, skipped = sums.tolist()
+    model.train()
+    return {M.ACC1: 100 * top1 / max(count, 1), M.ACC5: 100 * top5 / max(count, 1),
+            M.VAL_LOSS: loss / max(count, 1), M.EVAL_SAMPLES: int(count), "skipped": int(skipped)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+SUMMARY_KEYS = ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "final_acc5", "val_loss", "mem_used_gib",
+                "mem_total_gib", "p_whole_steady", "p_train_steady", "p_core_steady")
+
+
+def finish(run: Run) -> dict:
+    """results.json (the six figures and everything needed to trust and compare them), W&B summary."""
+    accelerator, state, args = run.accelerator, run.state, run.args
+    device = accelerator.device
+    if run.interrupted:
+        accelerator.print(f"interrupted by {run.stop.signal_name or 'a signal on another rank'}: checkpoint of step "
+                          f"{state.step} saved; relaunch with --resume auto --output-dir {run.out_dir}")
+    timing = run.prof.summary()
+    final = run.evals[-1] if run.evals else None
     e2e = reduce_max([time.time() - psutil.Process().create_time()], device)[0]
-    train_skipped = int(accelerator.reduce(torch.tensor(train_skipped, device=device), reduction="sum").item())
+    train_skipped = int(accelerator.reduce(torch.tensor(run.train_skipped, device=device), reduction="sum").item())
     results = {
-        "run_name": run_name, **lay, "precision": args.precision, "zero_stage": zero_stage,
+        "run_name": run.run_name, **run.lay, "precision": args.precision, "zero_stage": run.zero_stage,
         "global_batch_size": args.global_batch_size, "global_step": state.step,
-        "resumed_from_step": resumed_from_step, "epochs_done": state.epoch, "interrupted": interrupted,
-        "eval_samples": final["samples"] if final else 0, "val_num_samples": val_shards.num_samples,
-        "final_acc1": final["acc1"] if final else None, "final_acc5": final["acc5"] if final else None,
-        "val_loss": final["loss"] if final else None, "reached_target": bool(done),
+        "resumed_from_step": run.resumed_from_step, "epochs_done": state.epoch, "interrupted": run.interrupted,
+        "loader": args.loader,
+        "epoch_sampling": dali_loader.EPOCH_SAMPLING if run.dali else data.epoch_sampling(
+            len(run.train_shards.urls), accelerator.num_processes, args.workers, args.aug_repeats),
+        "eval_samples": final[M.EVAL_SAMPLES] if final else 0, "val_num_samples": run.val_shards.num_samples,
+        "final_acc1": final[M.ACC1] if final else None, "final_acc5": final[M.ACC5] if final else None,
+        "val_loss": final[M.VAL_LOSS] if final else None, "reached_target": run.reached_target,
         "skipped_corrupt": {"train": train_skipped, "validation": final["skipped"] if final else 0},
         "e2e_time": e2e, **timing,
         "mem": f"{timing['mem_used_gib']:.1f}/{timing['mem_total_gib']:.1f}" if "mem_used_gib" in timing else None,
         "fix_hp": args.fix_hp,
-        "precision_in_effect": precision.in_effect(model, logits_dtype),
-        "replica_checksums": replicas,
-        "evals": evals, "environment": env, "config": config,
+        "precision_in_effect": precision.in_effect(run.engine, run.logits_dtype),
+        "replica_checksums": replica_checksums(run.engine, run.zero_stage),
+        "evals": run.evals, "environment": run.env, "config": run.config,
     }
+    if args.deepspeed_throughput_timer:  # an independent second opinion on p_core (it synchronizes each step)
+        timer = run.engine.tput_timer
+        results["deepspeed_throughput_timer"] = {"samples_per_sec": timer.avg_samples_per_sec(),
+                                                 "start_step": timer.start_step}
     if accelerator.is_main_process:
-        from vitbench.prep import write_json_atomic
-        from vitbench.reporting import table_row
-
-        write_json_atomic(out_dir / "results.json", results)
-        summary = {k: results[k] for k in ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "final_acc5",
-                                           "val_loss", "mem_used_gib", "mem_total_gib", "p_whole_steady",
-                                           "p_train_steady", "p_core_steady") if k in results}
-        tracker.finish(summary, table_row(results), [out_dir / "profile"] if (out_dir / "profile").is_dir() else [])
-        print(f"results: {out_dir / 'results.json'}")
+        write_json_atomic(run.out_dir / "results.json", results)
+        profile_dir = run.out_dir / "profile"
+        run.tracker.finish({k: results[k] for k in SUMMARY_KEYS if k in results}, table_row(results),
+                           [profile_dir] if profile_dir.is_dir() else [])
+        print(f"results: {run.out_dir / 'results.json'}")
         print(f"e2e_time {e2e:.1f}s  p_whole {fmt(results['p_whole'])}  p_train {fmt(results['p_train'])}  "
               f"p_core {fmt(results['p_core'])} img/s  final_acc1 {fmt(results['final_acc1'])}  "
               f"mem {results['mem']} GiB")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if interrupted:
+    if run.interrupted:
         sys.exit(lifecycle.EXIT_INTERRUPTED)
     return results
 
 
-def replica_checksums(model, accelerator, zero_stage: int) -> list[str] | None:
+def replica_checksums(engine, zero_stage: int) -> list[str] | None:
     """A digest of every rank's full weights (ZeRO 0-2 keep a full replica per rank): all equal, or a bug."""
-    import hashlib
-
-    from accelerate.utils import gather_object
-
     if zero_stage == 3:
         return None
     h = hashlib.sha256()
-    for p in model.module.parameters():
+    for p in engine.module.parameters():
         h.update(p.detach().float().cpu().numpy().tobytes())
     return gather_object([h.hexdigest()[:16]])
 
@@ -626,12 +751,12 @@ def fmt(v, digits=1):
 
 
 def format_row(step, total, row) -> str:
-    parts = [f"step {step}/{total}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3g}",
-             f"{row['throughput(img/s)']:.1f} img/s", f"step {row['step_time(s)'] * 1000:.0f} ms",
-             f"data {row['data_wait(%)']:.0f}%"]
-    if "mfu(%)" in row:
-        parts.append(f"mfu {row['mfu(%)']:.1f}%")
-    mem = row.get("memory/max_reserved(GiB)", row.get("memory/host_rss(GiB)"))
+    parts = [f"step {step}/{total}", f"loss {row[M.LOSS]:.4f}", f"lr {row[M.LR]:.3g}",
+             f"{row[M.THROUGHPUT]:.1f} img/s", f"step {row[M.STEP_TIME] * 1000:.0f} ms",
+             f"data {row[M.DATA_WAIT_PCT]:.0f}%"]
+    if M.MFU in row:
+        parts.append(f"mfu {row[M.MFU]:.1f}%")
+    mem = row.get(M.MEM_MAX_RESERVED, row.get(M.MEM_HOST_RSS))
     if mem is not None:
         parts.append(f"mem {mem:.2f} GiB")
     return "  ".join(parts)

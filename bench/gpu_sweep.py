@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU sweep: ViT-B/16 for a bounded number of steps across precisions, ZeRO stages and torch.compile,
+"""GPU sweep: ViT-B/16 for a bounded number of steps across precisions, ZeRO stages, torch.compile and loaders,
 one `python train_vit.py` process per configuration, then a table of p_core, p_train, MFU and memory
 read from each run's results.json. Sized for one GPU in under 10 minutes.
 
@@ -19,10 +19,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# (precision, ZeRO stage, compile): precisions at ZeRO-1, stages in bf16, compile in bf16 and tf32.
-GPU_CONFIGS = [("fp32", 1, False), ("tf32", 1, False), ("amp", 1, False), ("bf16", 1, False),
-               ("bf16", 0, False), ("bf16", 2, False), ("bf16", 1, True), ("tf32", 1, True)]
-CPU_CONFIGS = [("fp32", 0, False), ("fp32", 1, False), ("fp32", 2, False), ("bf16", 1, False), ("amp", 1, False)]
+# (precision, ZeRO stage, compile, loader): precisions at ZeRO-1, stages in bf16, compile in bf16 and tf32,
+# the DALI loader against the default one in bf16 (p_train / p_core says how much data loading still costs).
+GPU_CONFIGS = [("fp32", 1, False, "wds"), ("tf32", 1, False, "wds"), ("amp", 1, False, "wds"),
+               ("bf16", 1, False, "wds"), ("bf16", 1, False, "dali"), ("bf16", 0, False, "wds"),
+               ("bf16", 2, False, "wds"), ("bf16", 1, True, "wds"), ("tf32", 1, True, "wds")]
+CPU_CONFIGS = [("fp32", 0, False, "wds"), ("fp32", 1, False, "wds"), ("fp32", 2, False, "wds"),
+               ("fp32", 1, False, "dali"), ("bf16", 1, False, "wds"), ("amp", 1, False, "wds")]
 
 
 def main():
@@ -48,17 +51,18 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_sweep.jsonl").write_text("")
     rows = []
-    for prec, stage, compile_ in configs:
-        name = f"{prec}_z{stage}{'_compile' if compile_ else ''}"
+    for prec, stage, compile_, loader in configs:
+        name = f"{prec}_z{stage}{'_compile' if compile_ else ''}_{loader}"
         run_dir = args.out / "runs" / name
         cmd = [sys.executable, str(REPO / "train_vit.py"), *model, "--data-dir", str(shards), "--precision", prec,
                "--zero-stage", str(stage), "--max-steps", str(steps), "--log-interval", "10",
                "--timing-warmup-steps", str(min(10, steps - 1)), "--eval-every", "1000", "--wandb", "off",
-               "--output-dir", str(run_dir), "--eval-batch-size", "250", *(["--compile"] if compile_ else [])]
+               "--output-dir", str(run_dir), "--eval-batch-size", "250", "--loader", loader,
+               *(["--compile"] if compile_ else [])]
         t = time.time()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
-        row = {"config": name, "precision": prec, "zero_stage": stage, "compile": compile_,
+        row = {"config": name, "precision": prec, "zero_stage": stage, "compile": compile_, "loader": loader,
                "wall_s": round(time.time() - t, 1)}
         if proc.returncode == 0:
             r = json.loads((run_dir / "results.json").read_text())
@@ -66,6 +70,7 @@ def main():
                                               "mfu_core(%)", "mfu_train(%)", "mem_used_gib", "mem_total_gib",
                                               "mem_max_allocated_gib", "mem_max_reserved_gib")})
             row["device"] = r["environment"].get("device_name")
+            row["p_train_over_p_core"] = r["p_train_steady"] / r["p_core_steady"] if r.get("p_core_steady") else None
         else:
             row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
         rows.append(row)
@@ -83,14 +88,15 @@ def markdown(rows, steps) -> str:
         return "-" if v is None else f"{v:.{d}f}"
 
     lines = [f"{steps} steps per configuration; steady = after the first warm-up steps.", "",
-             "| config | p_core | p_train | p_core steady | p_train steady | MFU core % | MFU train % "
-             "| mem used/total GiB | max allocated GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| config | p_core | p_train | p_core steady | p_train steady | p_train/p_core steady | MFU core % "
+             "| MFU train % | mem used/total GiB | max allocated GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | error: {r['error']} ||||||||")
+            lines.append(f"| {r['config']} | error: {r['error']} |||||||||")
             continue
         lines.append(f"| {r['config']} | {f(r['p_core'])} | {f(r['p_train'])} | {f(r['p_core_steady'])} | "
-                     f"{f(r['p_train_steady'])} | {f(r['mfu_core(%)'])} | {f(r['mfu_train(%)'])} | "
+                     f"{f(r['p_train_steady'])} | {f(r['p_train_over_p_core'], 3)} | {f(r['mfu_core(%)'])} | "
+                     f"{f(r['mfu_train(%)'])} | "
                      f"{f(r['mem_used_gib'])}/{f(r['mem_total_gib'])} | {f(r['mem_max_allocated_gib'])} |")
     return "\n".join(lines) + "\n"
 

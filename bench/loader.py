@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Train-loader throughput: our WebDataset reader against torchvision's ImageFolder, side by side.
+"""Train-loader throughput, side by side on the same demo images (a larger draw: 300 per class), the same
+training transform (RandomResizedCrop + flip + RandAugment m9), batch size and number of workers/threads:
 
-Same demo images (a larger draw: 300 per class), same training transform (RandomResizedCrop + flip +
-RandAugment m9 + normalize), same
-batch size and number of workers. Also the single-core decode + transform rate (the per-worker limit)
-and our reader with repeated augmentation x3 (decodes each image once for three samples).
+  imagefolder_float   torchvision's ImageFolder, float32 normalized in the worker (the reference)
+  ours_float          our shard reader with that float transform (what train_vit.py did before)
+  ours_uint8          our shard reader as train_vit.py runs it: uint8 batches, normalized on the device
+  ours_uint8_ra3      the same with repeated augmentation x3 (one decode, three samples)
+  dali_cpu_ra/_no_ra  `--loader dali` on DALI's CPU operators, with and without RandAugment
+  dali_gpu_ra         `--loader dali` on the GPU (nvjpeg), when there is one
+  single_core_uint8   one core decoding + transforming (the per-worker limit; cores per 1,000 img/s)
+
 Rounds alternate the loaders so machine noise hits all of them alike; medians are reported.
 
-    python bench/loader.py [--img-size 224] [--workers 2] [--images 1536] [--rounds 3]
+    python bench/loader.py [--img-size 224] [--workers 2] [--images 2048] [--rounds 3] [--no-dali]
 
 The last line is JSON with the figures and ratios.
 """
@@ -49,14 +54,33 @@ def single_core_rate(files, transform, images: int) -> float:
     return images / (time.perf_counter() - t)
 
 
+def dali_rate(train, args, auto_augment, device, images: int, skip_batches: int = 4) -> float:
+    from vitbench.dali_loader import DaliTrainLoader
+
+    loader = DaliTrainLoader(train, args.img_size, auto_augment, args.batch_size, rank=0, world_size=1,
+                             threads=args.workers, seed=0, repeats=1, device=device)
+    batches = loader.batches(skip_batches + images // args.batch_size + 1)
+    for _ in range(skip_batches):  # pipeline start-up and prefetch filling are not timed
+        next(batches)
+    seen, t = 0, time.perf_counter()
+    for batch in batches:
+        seen += len(batch["labels"])
+        if seen >= images:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="loader processes (DALI: threads)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--images", type=int, default=2048, help="images timed per loader and round")
     p.add_argument("--per-class", type=int, default=300, help="demo train images per class (10 classes)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-dali", action="store_true", help="leave the DALI loaders out")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -65,36 +89,55 @@ def main():
     if args.per_class * len(demo.PHOTOS) < args.images + 5 * args.batch_size:
         p.error("--per-class too small: ImageFolder's epoch must outlast the timed window")
     train = data.load_split(shards_dir, "train")
-    transform = data.train_transform(args.img_size, "rand-m9-mstd0.5")
+    uint8_tf = data.train_transform(args.img_size, "rand-m9-mstd0.5")  # what train_vit.py's workers run
+    from timm.data import create_transform
+
+    # torchvision's reference pipeline: float32 normalized in the worker (what ours did before uint8)
+    float_tf = create_transform(args.img_size, is_training=True, auto_augment="rand-m9-mstd0.5",
+                                interpolation="bilinear", re_prob=0.0, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
     steps = args.images // args.batch_size + 6
 
-    def ours(repeats):
+    def ours(transform, repeats=1):
         return data.train_loader(train, transform, args.batch_size, steps, rank=0, world_size=1, workers=args.workers,
                                  seed=0, epoch=0, repeats=repeats)
 
     from torchvision.datasets import ImageFolder
 
-    folder = ImageFolder(str(shards_dir / "src" / "train"), transform=transform)
+    folder = ImageFolder(str(shards_dir / "src" / "train"), transform=float_tf)
     tv = torch.utils.data.DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                      drop_last=True, persistent_workers=False)
     files = sorted((shards_dir / "src" / "train").glob("*/*.JPEG"))
 
-    figures = {"webdataset": [], "imagefolder": [], "webdataset_ra3": [], "single_core": []}
-    for _ in range(args.rounds):
-        figures["webdataset"].append(rate(ours(1), args.images))
-        figures["imagefolder"].append(rate(tv, args.images))
-        figures["webdataset_ra3"].append(rate(ours(3), args.images))
-        figures["single_core"].append(single_core_rate(files, transform, args.images // 4))
+    loaders = {
+        "imagefolder_float": lambda: rate(tv, args.images),
+        "ours_float": lambda: rate(ours(float_tf), args.images),
+        "ours_uint8": lambda: rate(ours(uint8_tf), args.images),
+        "ours_uint8_ra3": lambda: rate(ours(uint8_tf, 3), args.images),
+        "single_core_uint8": lambda: single_core_rate(files, uint8_tf, args.images // 4),
+    }
+    if not args.no_dali:
+        cpu = torch.device("cpu")
+        loaders["dali_cpu_ra"] = lambda: dali_rate(train, args, "rand-m9-mstd0.5", cpu, args.images)
+        loaders["dali_cpu_no_ra"] = lambda: dali_rate(train, args, None, cpu, args.images)
+        if torch.cuda.is_available():
+            gpu = torch.device("cuda", 0)
+            loaders["dali_gpu_ra"] = lambda: dali_rate(train, args, "rand-m9-mstd0.5", gpu, 4 * args.images)
+    figures = {k: [] for k in loaders}
+    for _ in range(args.rounds):  # rounds alternate the loaders so machine noise hits all alike
+        for name, measure in loaders.items():
+            figures[name].append(measure())
     med = {k: statistics.median(v) for k, v in figures.items()}
     for k, v in figures.items():
-        print(f"{k:16s} median {med[k]:8.1f} img/s   rounds: {', '.join(f'{x:.1f}' for x in v)}")
+        print(f"{k:18s} median {med[k]:8.1f} img/s   x ImageFolder {med[k] / med['imagefolder_float']:.2f}   "
+              f"rounds: {', '.join(f'{x:.1f}' for x in v)}")
     out = {"bench": "loader", "img_size": args.img_size, "workers": args.workers, "batch_size": args.batch_size,
            "images_per_round": args.images, "rounds": args.rounds,
            **{f"{k}_img_s": round(v, 1) for k, v in med.items()},
-           "ratio_webdataset_vs_imagefolder": round(med["webdataset"] / med["imagefolder"], 3),
-           "ratio_webdataset_vs_workers_x_single_core":
-               round(med["webdataset"] / (args.workers * med["single_core"]), 3),
-           "ratio_ra3_vs_webdataset": round(med["webdataset_ra3"] / med["webdataset"], 3)}
+           **{f"ratio_{k}_vs_imagefolder": round(v / med["imagefolder_float"], 3) for k, v in med.items()
+              if k != "imagefolder_float"},
+           "cores_per_1000_img_s": round(1000 / med["single_core_uint8"], 2),
+           "ratio_ours_uint8_vs_workers_x_single_core":
+               round(med["ours_uint8"] / (args.workers * med["single_core_uint8"]), 3)}
     print(json.dumps(out))
 
 

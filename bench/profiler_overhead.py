@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from vitbench.profiler import StepProfiler, process_memory_probe  # noqa: E402
+from vitbench import metrics as M  # noqa: E402
+from vitbench.profiler import StepProfiler  # noqa: E402
 from vitbench.tracking import Tracker  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def main():
     run_dir = Path(tempfile.mkdtemp(prefix="vitbench-overhead-"))
     tracker = Tracker("offline", enabled=True, run_dir=run_dir, project="vitbench-bench", entity=None,
                       name="overhead", group="overhead", config={})
-    prof = StepProfiler(global_batch=args.batch_size, world_size=1, memory_probe=process_memory_probe(device))
+    prof = StepProfiler(global_batch=args.batch_size, world_size=1, memory_probe=M.DeviceMemoryMonitor(device).probe)
     prof.train_start()
     logged = [0]
 
@@ -72,7 +73,7 @@ def main():
                 row["loss"] = loss.item()
                 tracker.log_step(prof.steps, row)
                 logged[0] += 1
-                print(f"step {prof.steps} {row['throughput(img/s)']:.1f} img/s", end="\r")
+                print(f"step {prof.steps} {row[M.THROUGHPUT]:.1f} img/s", end="\r")
 
     for _ in range(3):  # warm-up: allocator, oneDNN kernels
         step()

@@ -4,6 +4,7 @@
     python shards/prep_shards.py --src /data/imagenet/train --out /data/imagenet-wds --split train
     python shards/prep_shards.py --src /data/imagenet/val   --out /data/imagenet-wds --split validation
     python shards/prep_shards.py --out /data/imagenet-wds --split train --verify
+    python shards/prep_shards.py --out /data/imagenet-wds --split train --dali-index
 
 Re-running after an interruption keeps completed shards and rebuilds only the rest.
 """
@@ -31,8 +32,24 @@ def main(argv=None) -> int:
                    help="fixed class mapping: JSON {wnid: index} or one wnid per line (default: sorted folders)")
     p.add_argument("--verify", action="store_true",
                    help="check existing shards against _info.json (counts, sha256) instead of writing")
+    p.add_argument("--dali-index", action="store_true",
+                   help="write NVIDIA DALI's tar index (<shard>.idx, beside each shard) for the split's shards, so "
+                        "--loader dali starts without scanning every tar; timm and our reader ignore them")
     args = p.parse_args(argv)
 
+    if args.dali_index:
+        from vitbench.dali_loader import write_index
+        from vitbench.data import DataError, load_split
+
+        try:
+            shards = load_split(args.out, args.split)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for url in shards.urls:
+            write_index(url)
+        print(f"{args.split}: DALI index written for {len(shards.urls)} shards in {args.out}")
+        return 0
     if args.verify:
         problems = verify(args.out, args.split)
         for line in problems:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from vitbench import metrics as M
 from vitbench.profiler import StepProfiler, peak_tflops, train_flops_per_sample
 
 
@@ -109,31 +110,59 @@ def test_device_events_time_compute_and_window_edges_synchronize():
     assert s["p_core"] >= s["p_train"] >= s["p_whole"]
 
 
+class OtherRank:
+    """Stands for the all-reduce (MAX over ranks): the other rank's figures are this rank's x `factor`."""
+
+    def __init__(self, factor: float):
+        self.factor, self.calls = factor, []
+
+    def __call__(self, values):
+        self.calls.append(list(values))
+        return [max(v, v * self.factor) for v in values]
+
+
 def test_interval_rows_leave_pauses_out_and_take_the_slowest_rank():
     clock = FakeClock()
-    reduced = []
-
-    def reduce_max(values):  # stands for the all-reduce: another rank waited 3x longer on data
-        reduced.append(list(values))
-        out = list(values)
-        out[0] *= 3
-        return out
-
-    prof = StepProfiler(global_batch=10, world_size=2, warmup_steps=0, clock=clock, reduce_max=reduce_max,
-                        memory_probe=lambda: {"memory/host_rss(GiB)": 1.5})
+    reduce_max = OtherRank(1.0)
+    slow_data = lambda values: [values[0] * 3, *values[1:]]  # noqa: E731  another rank waited 3x on data
+    prof = StepProfiler(global_batch=10, world_size=2, warmup_steps=0, clock=clock,
+                        reduce_max=lambda v: slow_data(reduce_max(v)),
+                        memory_probe=lambda: {M.MEM_HOST_RSS: 1.5})
     prof.train_start()
     run_steps(prof, clock, 5, data=1.0, compute=3.0, other=0.0)
     with prof.pause("eval"):
         clock.advance(100.0)
     row = prof.interval_row()
-    assert row["throughput(img/s)"] == pytest.approx(50 / 20.0)
-    assert row["throughput_per_device(img/s)"] == pytest.approx(50 / 20.0 / 2)
-    assert row["step_time(s)"] == pytest.approx(4.0)
-    assert row["data_wait(s)"] == pytest.approx(3.0)
-    assert row["data_wait(%)"] == pytest.approx(100 * 15.0 / 20.0)
-    assert row["memory/host_rss(GiB)"] == 1.5
+    # One all-reduce per row carries this rank's figures: data wait, compute, wall (pause left out), memory.
+    assert reduce_max.calls == [[5.0, 15.0, 20.0, 1.5]]
+    assert row[M.THROUGHPUT] == pytest.approx(50 / 20.0)
+    assert row[M.THROUGHPUT_PER_DEVICE] == pytest.approx(50 / 20.0 / 2)
+    assert row[M.STEP_TIME] == pytest.approx(4.0)
+    assert row[M.DATA_WAIT] == pytest.approx(3.0)
+    assert row[M.DATA_WAIT_PCT] == pytest.approx(100 * 15.0 / 20.0)
+    assert row[M.MEM_HOST_RSS] == 1.5
     run_steps(prof, clock, 2, data=0.0, compute=1.0, other=0.0)
-    assert prof.interval_row()["step_time(s)"] == pytest.approx(1.0)  # only steps since the previous row
+    assert prof.interval_row()[M.STEP_TIME] == pytest.approx(1.0)  # only steps since the previous row
+
+
+def test_summary_takes_every_window_from_the_slowest_rank_pauses_included():
+    """eval_time and checkpoint_time are reduced like every other window: the other rank's are 2x ours."""
+    clock = FakeClock()
+    prof = StepProfiler(global_batch=4, world_size=2, warmup_steps=0, clock=clock, reduce_max=OtherRank(2.0),
+                        memory_probe=lambda: {M.MEM_HOST_PEAK_RSS: 1.0})
+    prof.train_start()
+    run_steps(prof, clock, 3, data=1.0, compute=2.0, other=0.0)
+    with prof.pause("eval"):
+        clock.advance(5.0)
+    with prof.pause("checkpoint"):
+        clock.advance(1.0)
+    prof.train_end()
+    s = prof.summary()
+    assert s["eval_time"] == pytest.approx(10.0) and s["checkpoint_time"] == pytest.approx(2.0)
+    assert s["train_time"] == pytest.approx(2 * (9.0 + 6.0))
+    assert s["compute_time"] == pytest.approx(12.0) and s["data_wait_time"] == pytest.approx(6.0)
+    assert s["p_train"] == pytest.approx(12 / (2 * 9.0))
+    assert s["mem_used_gib"] == 2.0
 
 
 def test_resumed_launch_counts_only_its_own_steps():
@@ -155,16 +184,16 @@ def test_mfu_uses_flops_and_the_device_peak():
     prof.train_start()
     run_steps(prof, clock, 2, data=0.0, compute=1.0, other=0.0)
     row = prof.interval_row()
-    assert row["tflops_per_device"] == pytest.approx(100 * 1e12 / 1.0 / 4 / 1e12)
-    assert row["mfu(%)"] == pytest.approx(100 * 25.0 / 50.0)
+    assert row[M.TFLOPS_PER_DEVICE] == pytest.approx(100 * 1e12 / 1.0 / 4 / 1e12)
+    assert row[M.MFU] == pytest.approx(100 * 25.0 / 50.0)
 
 
-def test_peak_table():
-    assert peak_tflops("NVIDIA A100-SXM4-40GB", "amp") == 312.0
-    assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5
-    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
-    assert peak_tflops("NVIDIA H200", "tf32") == 494.7
-    assert peak_tflops(None, "fp32") is None  # CPUs: no MFU rather than an invented peak
+def test_peak_table_carries_its_source():
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "amp")[0] == 312.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == (19.5, "NVIDIA A100 datasheet, dense")
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == (756.0, "NVIDIA H100 datasheet, PCIe, dense")
+    assert peak_tflops("NVIDIA H200", "tf32")[0] == 494.7 and "H200" in peak_tflops("NVIDIA H200", "tf32")[1]
+    assert peak_tflops(None, "fp32") == (None, None)  # CPUs: no MFU rather than an invented peak
 
 
 def test_flop_counter_matches_vit_arithmetic():

@@ -244,3 +244,44 @@ def test_corrupt_sample_in_a_shard_is_skipped_counted_and_named(demo_shards, tmp
     assert sum(len(b["keys"]) for b in batches) == len(samples) - 1
     assert sum(b["skipped"] for b in batches) == 1
     assert any(str(bad_shard) in str(w.message) and samples[1]["__key__"] in str(w.message) for w in caught)
+
+
+def _epoch_keys(shards, epoch, world_size, workers, repeats, batch_size=6):
+    """Every key the ranks of one epoch train on (each rank reads its part of the split)."""
+    tf = data.train_transform(16, None)
+    steps = shards.num_samples // (batch_size * world_size)
+    keys = []
+    for rank in range(world_size):
+        keys += _keys_of(data.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=rank,
+                                           world_size=world_size, workers=workers, seed=0, epoch=epoch,
+                                           repeats=repeats))
+    return keys
+
+
+def test_an_epoch_reads_every_shard_once_when_there_are_enough(demo_shards):
+    """18 shards over 2 ranks x 2 workers: a permutation per epoch, so an epoch's samples are nearly all
+    distinct (only the ends of uneven shares repeat or go unread); resampling with replacement, forced by
+    offering only 3 shards to the same 4 readers, gives each of them random shards instead."""
+    train = data.load_split(demo_shards, "train")
+    assert data.epoch_sampling(len(train.urls), 2, 2, 1) == data.PERMUTED
+    permuted = _epoch_keys(train, 0, world_size=2, workers=2, repeats=1)
+    assert len(permuted) == train.num_samples // 12 * 12
+    assert len(set(permuted)) / train.num_samples >= 0.9
+    assert _epoch_keys(train, 1, world_size=2, workers=2, repeats=1) != permuted  # a new permutation
+
+    few = data.ShardSet("train", train.urls[:3], train.lengths[:3], train.num_classes)
+    assert data.epoch_sampling(3, 2, 2, 1) == data.RESAMPLED
+    resampled = _epoch_keys(few, 0, world_size=2, workers=2, repeats=1, batch_size=3)
+    assert len(resampled) == few.num_samples // 6 * 6
+    assert len(set(resampled)) / few.num_samples < len(set(permuted)) / train.num_samples
+
+
+def test_repeated_augmentation_spreads_one_pass_over_as_many_epochs(demo_shards):
+    """Repeats x3: each epoch reads a third of the shards (each image three times); three epochs together
+    read every shard once, like timm's RepeatAugSampler over its epochs."""
+    train = data.load_split(demo_shards, "train")
+    assert data.epoch_sampling(len(train.urls), 1, 2, 3) == data.PERMUTED
+    epochs = [_epoch_keys(train, e, world_size=1, workers=2, repeats=3) for e in range(3)]
+    for keys in epochs:
+        assert len(set(keys)) <= len(keys) / 3 + 7  # each decoded image yields three samples
+    assert len(set().union(*epochs)) / train.num_samples >= 0.9

@@ -11,7 +11,9 @@ import pytest
 from conftest import BIN, REPO, TINY, info, launch, results, run_env, wandb_history, wandb_records, wandb_summary
 
 from vitbench import checkpoint
-from vitbench.reporting import WORKSPACE_SECTIONS
+from vitbench import metrics as M
+from vitbench.reporting import GPU_OR_FP16_ONLY, WORKSPACE_SECTIONS
+from vitbench.tracking import METRICS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +27,12 @@ def common(demo_shards, out, *extra):
 @pytest.fixture(scope="module", params=[1, 2], ids=["zero1", "zero2"])
 def two_rank_run(request, demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"zero{request.param}") / "run"
-    launch(common(demo_shards, out, "--zero-stage", str(request.param), "--epochs", "2", "--wandb", "offline"))
+    launch(common(demo_shards, out, "--zero-stage", str(request.param), "--epochs", "2", "--wandb", "offline",
+                  "--peak-tflops", str(PEAK)))
     return request.param, out
+
+
+PEAK = 0.5  # TFLOP/s per device given with --peak-tflops: CPUs have no entry in the peak table
 
 
 def test_two_ranks_train_identical_replicas_and_evaluate_every_sample(two_rank_run, demo_shards):
@@ -55,21 +61,35 @@ def test_results_hold_the_six_metrics_and_the_invariant(two_rank_run):
     assert r["p_core_steady"] >= r["p_train_steady"] >= r["p_whole_steady"]
     assert r["e2e_time"] > r["train_time"] > r["eval_time"] > 0
     assert r["mem"] == f"{r['mem_used_gib']:.1f}/{r['mem_total_gib']:.1f}" and "CPU" in r["mem_source"]
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
     env = r["environment"]
-    for key in ("torch", "deepspeed", "accelerate", "timm", "device_name", "git_commit"):
-        assert key in env
+    assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
+    for pkg in ("deepspeed", "accelerate", "timm", "webdataset"):
+        assert env[pkg] == version(pkg), pkg
+    assert env["device_type"] == "cpu" and env["cpu_count"] == os.cpu_count()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert env["git_commit"].removesuffix("-dirty") == head
     assert r["config"]["deepspeed_config"]["timers"]["throughput"]["enabled"] is False
     assert r["config"]["fused_attn"] is True  # timm's ViT attention runs through PyTorch SDPA
+    assert r["config"]["peak_tflops_source"] == "--peak-tflops"
+    # MFU from the summary's own figures: FLOPs per sample x p_core per device over the given peak.
+    assert r["mfu_core(%)"] == pytest.approx(100 * r["config"]["flops_per_sample"] * r["p_core"] / 2 / 1e12 / PEAK)
 
 
 def test_wandb_offline_files_hold_step_rows_and_summary(two_rank_run):
     stage, out = two_rank_run
     rows = [row for row in wandb_history(out) if "train/step" in row]
     assert [row["train/step"] for row in rows] == list(range(2, 2 * (120 // 16) + 1, 2))
-    for key in ("train/throughput(img/s)", "train/throughput_per_device(img/s)", "train/step_time(s)",
-                "train/data_wait(%)", "train/tflops_per_device", "train/memory/host_rss(GiB)", "train/lr",
-                "train/grad_norm", "train/loss"):
-        assert all(key in row for row in rows), key
+    for key in (M.THROUGHPUT, M.THROUGHPUT_PER_DEVICE, M.STEP_TIME, M.DATA_WAIT_PCT, M.TFLOPS_PER_DEVICE, M.MFU,
+                M.MEM_HOST_RSS, M.LR, M.GRAD_NORM, M.LOSS):
+        assert all(f"{M.TRAIN_PREFIX}{key}" in row for row in rows), key
+    for row in rows:  # MFU rows: achieved TFLOP/s per device over the --peak-tflops given
+        tflops = row[f"{M.TRAIN_PREFIX}{M.TFLOPS_PER_DEVICE}"]
+        assert row[f"{M.TRAIN_PREFIX}{M.MFU}"] == pytest.approx(100 * tflops / PEAK)
     summary = wandb_summary(out)
     r = results(out)
     for key in ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem_used_gib"):
@@ -79,12 +99,26 @@ def test_wandb_offline_files_hold_step_rows_and_summary(two_rank_run):
     # The dashboard's panels plot series this run really logged (MFU, device memory and loss scale
     # exist only on GPUs / in fp16).
     logged = set().union(*rows, *wandb_history(out))
-    gpu_only = {"train/mfu(%)", "train/memory/max_allocated(GiB)", "train/memory/max_reserved(GiB)",
-                "train/memory/device_used(GiB)", "train/loss_scale"}
     for panels in WORKSPACE_SECTIONS.values():
         for _, keys in panels:
             for key in keys:
-                assert key in logged or key in gpu_only, key
+                assert key in logged or key in GPU_OR_FP16_ONLY, key
+
+
+def test_metrics_jsonl_holds_every_row_wandb_got(two_rank_run):
+    """metrics.jsonl: the same rows as W&B (same names, same values), plus evaluations and checkpoints."""
+    _, out = two_rank_run
+    lines = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    train = [row for row in lines if row["kind"] == "train"]
+    wandb_rows = [row for row in wandb_history(out) if "train/step" in row]
+    assert [row["step"] for row in train] == [row["train/step"] for row in wandb_rows]
+    for ours, theirs in zip(train, wandb_rows):
+        for key in (M.THROUGHPUT, M.LOSS, M.LR, M.MFU, M.DATA_WAIT_PCT):
+            assert ours[key] == pytest.approx(theirs[f"{M.TRAIN_PREFIX}{key}"]), key
+    evals = [row for row in lines if row["kind"] == "eval"]
+    r = results(out)
+    assert [(e["step"], e[M.ACC1]) for e in evals] == [(e["step"], e["acc1"]) for e in r["evals"]]
+    assert [row["step"] for row in lines if row["kind"] == "checkpoint"] == [r["global_step"]]
 
 
 def test_zero3_evaluation_keeps_ranks_in_lockstep(demo_shards, tmp_path):
@@ -164,8 +198,9 @@ def test_bf16_runs_bf16_and_wandb_without_credentials_goes_offline(demo_shards, 
 
 def test_amp_runs_fp16_autocast_with_dynamic_loss_scaling(demo_shards, tmp_path):
     out = tmp_path / "run"
+    # --profile-steps 1:5 outlasts the run (2 steps): the trace of what ran is still written
     launch(common(demo_shards, out, "--precision", "amp", "--max-steps", "2", "--log-interval", "1",
-                  "--model-kwargs", "depth=1", "--wandb", "offline", "--profile-steps", "0:1"), processes=1)
+                  "--model-kwargs", "depth=1", "--wandb", "offline", "--profile-steps", "1:5"), processes=1)
     eff = results(out)["precision_in_effect"]
     assert eff["param_dtype"] == "torch.float32" and eff["autocast_dtype"] == "torch.float16"
     assert eff["logits_dtype"] == "torch.float16" and "GradScaler" in eff["loss_scaler"]

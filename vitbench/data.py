@@ -119,18 +119,38 @@ def load_split(data_dir: str | Path, split: str) -> ShardSet:
     return ShardSet(split, urls, lengths, num_classes)
 
 
+# Workers hand uint8 CHW images to the trainer (timm's `use_prefetcher` transforms: no float conversion or
+# normalization in the worker, a quarter of the bytes through shared memory); OnDevice normalizes them.
 def train_transform(img_size: int, auto_augment: str | None):
     from timm.data import create_transform
 
     return create_transform(img_size, is_training=True, auto_augment=auto_augment, interpolation="bilinear",
-                            re_prob=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                            re_prob=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, use_prefetcher=True)
 
 
 def eval_transform(img_size: int):
     from timm.data import create_transform
 
     return create_transform(img_size, is_training=False, crop_pct=EVAL_CROP_PCT, interpolation="bilinear",
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD, use_prefetcher=True)
+
+
+class OnDevice:
+    """A batch from the workers (uint8 NCHW images, int labels) -> the model's input on the device: copied
+    (from pinned memory, non-blocking), converted to float and normalized there as timm's GPU prefetcher
+    does, mixed (mixup/cutmix, training only), then cast to the precision's input dtype."""
+
+    def __init__(self, device, dtype, mixup=None):
+        self.device, self.dtype, self.mixup = device, dtype, mixup
+        self.mean = torch.tensor([255 * m for m in IMAGENET_MEAN], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * s for s in IMAGENET_STD], device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        y = labels.to(self.device, non_blocking=True)
+        if self.mixup:
+            x, y = self.mixup(x, y)
+        return x.to(self.dtype), y
 
 
 class _SkipLog:
@@ -206,7 +226,7 @@ def _transformed(samples, transform, repeats: int, log: _SkipLog, num_classes: i
 
 
 def _train_shard_samples(shards, log: _SkipLog):
-    """Samples of the resampled shard stream; a run of shards that all yield nothing is an error, not an
+    """Samples of the train shard stream; a run of shards that all yield nothing is an error, not an
     endless retry."""
     failed = []
     for shard in shards:
@@ -224,6 +244,44 @@ def _train_shard_samples(shards, log: _SkipLog):
             raise DataError(f"no sample could be read from {len(failed)} train shards in a row under "
                             f"{', '.join(dirs)} ({', '.join(names)}); the train split looks unreadable: check it "
                             "with `shards/prep_shards.py --verify` or re-make it")
+
+
+PERMUTED, RESAMPLED = "permuted", "resampled"
+
+
+def epoch_sampling(num_shards: int, world_size: int, workers: int, repeats: int) -> str:
+    """PERMUTED when every rank x worker gets at least one shard of each epoch, RESAMPLED otherwise."""
+    return PERMUTED if num_shards >= world_size * max(1, workers) * repeats else RESAMPLED
+
+
+class _EpochSamples(IterableDataset):
+    """The samples of one training epoch for this rank and worker, every shard once per pass.
+
+    A pass is a seeded permutation of the split (the same on every rank), dealt out over ranks x workers;
+    with repeated augmentation x R each consumer's share is cut into R parts, one per epoch, so R epochs
+    of R-fold repeated samples read every shard once (as timm's RepeatAugSampler shows each image R
+    times over ranks). The share is shuffled on its own; a consumer that runs dry before its rank's step
+    count then resamples shards of the whole split (seeded, shuffled apart from the share), so no rank
+    ever waits on another in a collective and the top-up never displaces the epoch's own samples."""
+
+    def __init__(self, urls: list[str], rank: int, world_size: int, seed: int, epoch: int, repeats: int,
+                 shuffle, log: _SkipLog):
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.seed, self.epoch, self.repeats, self.shuffle, self.log = seed, epoch, repeats, shuffle, log
+
+    def __iter__(self):
+        import random
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        passes, part = divmod(self.epoch, self.repeats)
+        order = random.Random(wds.utils.make_seed(self.seed, passes)).sample(self.urls, len(self.urls))
+        mine = order[self.rank * workers + worker::self.world_size * workers]
+        share = mine[len(mine) * part // self.repeats:len(mine) * (part + 1) // self.repeats]
+        yield from self.shuffle(_train_shard_samples(({"url": url} for url in share), self.log))
+        top_up = random.Random(wds.utils.make_seed(self.seed, self.epoch, self.rank, worker))
+        resampled = ({"url": top_up.choice(self.urls)} for _ in iter(int, 1))  # the whole split: one bad share
+        yield from self.shuffle(_train_shard_samples(resampled, self.log))  # cannot look like a bad split
 
 
 def _batched(pairs, batch_size: int, log: _SkipLog, partial_last: bool):
@@ -264,21 +322,28 @@ def _seed_worker(base_seed: int, worker_id: int) -> None:
 
 
 def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int, *, rank: int, world_size: int,
-                 workers: int, seed: int, epoch: int, repeats: int = 1, shuffle_buffer: int = 2000,
-                 pin_memory: bool = False, num_classes: int | None = None):
-    """An epoch of `steps` batches of this rank, read from shards resampled per rank and worker, so no
-    rank or worker ever runs dry (and none waits on another in a collective). `shards` is a split from
-    `_info.json` or a brace pattern such as "/data/imagenet1k-train-{0000..1023}.tar"."""
+                 workers: int, seed: int, epoch: int, repeats: int = 1, resume_step: int = 0,
+                 shuffle_buffer: int = 2000, pin_memory: bool = False, num_classes: int | None = None):
+    """Epoch EPOCH: `steps` batches of this rank. `shards` is a split from `_info.json` or a brace pattern
+    such as "/data/imagenet1k-train-{0000..1023}.tar".
+
+    With at least ranks x workers x repeats shards (`epoch_sampling` PERMUTED) an epoch reads every
+    shard of its part of a seeded permutation once (_EpochShards); with fewer, each rank and worker
+    resamples shards with replacement (RESAMPLED), so none ever runs dry. A launch resumed inside an
+    epoch (`resume_step` > 0) starts that epoch's shards again with other augmentation seeds."""
     log = _SkipLog()
-    stream_seed = wds.utils.make_seed(seed, epoch, world_size)
+    stream_seed = wds.utils.make_seed(seed, epoch, world_size, resume_step)
     if num_classes is None:
         num_classes = shards.num_classes if isinstance(shards, ShardSet) else 1000
+    urls = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else shards.urls
+    shuffle = wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=wds.utils.make_seed(stream_seed, rank))
+    if epoch_sampling(len(urls), world_size, workers, repeats) == PERMUTED:
+        samples = [_EpochSamples(urls, rank, world_size, seed, epoch, repeats, shuffle, log)]
+    else:
+        samples = [wds.ResampledShards(urls, seed=stream_seed, worker_seed=partial(_rank_worker_seed, rank),
+                                       deterministic=True), partial(_train_shard_samples, log=log), shuffle]
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(shards if isinstance(shards, str) else shards.urls, seed=stream_seed,
-                            worker_seed=partial(_rank_worker_seed, rank),
-                            deterministic=True),
-        partial(_train_shard_samples, log=log),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), seed=wds.utils.make_seed(stream_seed, rank)),
+        *samples,
         partial(_transformed, transform=transform, repeats=repeats, log=log, num_classes=num_classes),
         partial(_batched, batch_size=batch_size, log=log, partial_last=False),
     )

@@ -28,7 +28,7 @@ def _enabled(section) -> bool | None:
 
 
 def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, clip_grad: float | None,
-          precision: str, zero_stage: int | None) -> dict:
+          precision: str, zero_stage: int | None, throughput_timer: bool = False) -> dict:
     try:
         cfg = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -62,7 +62,8 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
     if zero_stage is not None:
         zero["stage"] = zero_stage
     zero.setdefault("stage", 0)
-    # DeepSpeed's throughput timer synchronizes the device every step; our profiler measures instead.
-    cfg["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
+    # DeepSpeed's throughput timer synchronizes the device every step; our profiler measures instead. It is
+    # on only when asked for, as an independent second opinion on p_core (benchmarks).
+    cfg["timers"] = {"throughput": {"enabled": throughput_timer, "synchronized": throughput_timer}}
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg

@@ -18,35 +18,36 @@ The hot path per step is three clock reads and, on devices with events, two even
 
 from __future__ import annotations
 
-import resource
 import time
 from contextlib import contextmanager
 from typing import Callable
 
-GIB = 1024**3
+from vitbench import metrics as M
+from vitbench.metrics import DeviceMemoryMonitor
 
-# Dense peak TFLOP/s per device by (name fragment, precision class). Checked in this order.
+# Dense (no sparsity) peak TFLOP/s per device by (name fragment, precision class), checked in this order,
+# each with its source: the vendor's datasheet figures.
+_HOPPER = "NVIDIA H100/H200 datasheet, SXM, dense"
 PEAK_TFLOPS = [
-    ("H200", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}),
-    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "16bit": 756.0}),
-    ("H100", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}),
-    ("H800", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}),
-    ("A100", {"fp32": 19.5, "tf32": 156.0, "16bit": 312.0}),
-    ("A800", {"fp32": 19.5, "tf32": 156.0, "16bit": 312.0}),
-    ("L40S", {"fp32": 91.6, "tf32": 183.0, "16bit": 362.0}),
-    ("V100", {"fp32": 15.7, "tf32": 15.7, "16bit": 125.0}),
+    ("H200", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}, _HOPPER),
+    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "16bit": 756.0}, "NVIDIA H100 datasheet, PCIe, dense"),
+    ("H100", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}, _HOPPER),
+    ("H800", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}, "NVIDIA H800 datasheet, SXM, dense"),
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "16bit": 312.0}, "NVIDIA A100 datasheet, dense"),
+    ("A800", {"fp32": 19.5, "tf32": 156.0, "16bit": 312.0}, "NVIDIA A800 datasheet, dense"),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "16bit": 362.0}, "NVIDIA L40S datasheet, dense"),
+    ("V100", {"fp32": 15.7, "tf32": 15.7, "16bit": 125.0}, "NVIDIA V100 datasheet, SXM2 (no TF32: fp32 rate)"),
 ]
 PRECISION_CLASS = {"fp32": "fp32", "tf32": "tf32", "amp": "16bit", "fp16": "16bit", "bf16": "16bit"}
 
 
-def peak_tflops(device_name: str | None, precision: str) -> float | None:
-    """Peak dense TFLOP/s of one device for the precision, or None when unknown (e.g. CPUs)."""
-    if not device_name:
-        return None
-    for fragment, peaks in PEAK_TFLOPS:
+def peak_tflops(device_name: str | None, precision: str) -> tuple[float | None, str | None]:
+    """(peak dense TFLOP/s of one device for the precision, its source), or (None, None) when unknown
+    (e.g. CPUs: no MFU rather than an invented peak)."""
+    for fragment, peaks, source in PEAK_TFLOPS if device_name else []:
         if fragment.lower() in device_name.lower():
-            return peaks[PRECISION_CLASS[precision]]
-    return None
+            return peaks[PRECISION_CLASS[precision]], source
+    return None, None
 
 
 def train_flops_per_sample(model_fn: Callable, img_size: int) -> float:
@@ -73,7 +74,7 @@ class StepProfiler:
         self.global_batch, self.world_size, self.warmup_steps = global_batch, world_size, warmup_steps
         self.clock, self.sync, self.make_event, self.reduce_max = clock, synchronize, make_event, reduce_max
         self.flops_per_sample, self.peak = flops_per_sample, peak_tflops_per_device
-        self.memory_probe = memory_probe or (lambda: {})
+        self.memory_probe = memory_probe or (lambda: {})  # e.g. DeviceMemoryMonitor(device).probe
         self.steps = 0
         self.train_start_t = self.train_end_t = None
         self.paused = {}  # kind -> seconds
@@ -124,7 +125,7 @@ class StepProfiler:
 
     @contextmanager
     def pause(self, kind: str):
-        """A window inside training that is not training: evaluation, checkpoint saving."""
+        """A window inside training that is not training: evaluation, checkpoint saving, trace export."""
         self._resolve()  # queued training work belongs to training, not to the pause
         t = self.clock()
         try:
@@ -154,6 +155,16 @@ class StepProfiler:
         return {"t": t, "steps": self.steps, "paused": self.paused_total, "data_wait": self.data_wait,
                 "compute": self.compute}
 
+    def _slowest(self, values: dict) -> dict:
+        """Each named figure's maximum over ranks (one all-reduce); memory peaks are folded into the run's."""
+        values = {**values, **self.memory_probe()}
+        names = list(values)
+        worst = dict(zip(names, self.reduce_max([values[k] for k in names])))
+        for k, v in worst.items():
+            if k.startswith("memory/"):
+                self.mem_peak[k] = max(v, self.mem_peak.get(k, 0.0))
+        return worst
+
     # ---- per-interval row ----------------------------------------------------------------
     def interval_row(self) -> dict:
         """Figures since the previous row (pauses left out). Every rank must call it at the same step."""
@@ -162,69 +173,60 @@ class StepProfiler:
         prev, self._row = self._row, now
         steps = now["steps"] - prev["steps"]
         wall = max(now["t"] - prev["t"] - (now["paused"] - prev["paused"]), 1e-12)
-        mem = self.memory_probe()
-        mem_keys = sorted(mem)
-        per_rank = [now["data_wait"] - prev["data_wait"], now["compute"] - prev["compute"], wall]
-        per_rank += [mem[k] for k in mem_keys]
-        worst = self.reduce_max(per_rank)
-        data_wait, compute, wall = worst[:3]
+        worst = self._slowest({"data_wait": now["data_wait"] - prev["data_wait"],
+                               "compute": now["compute"] - prev["compute"], "wall": wall})
+        data_wait, compute, wall = worst.pop("data_wait"), worst.pop("compute"), worst.pop("wall")
         samples = steps * self.global_batch
         row = {
-            "throughput(img/s)": samples / wall,
-            "throughput_per_device(img/s)": samples / wall / self.world_size,
-            "step_time(s)": wall / max(steps, 1),
-            "compute_time(s)": compute / max(steps, 1),
-            "data_wait(s)": data_wait / max(steps, 1),
-            "data_wait(%)": 100.0 * data_wait / wall,
+            M.THROUGHPUT: samples / wall,
+            M.THROUGHPUT_PER_DEVICE: samples / wall / self.world_size,
+            M.STEP_TIME: wall / max(steps, 1),
+            M.COMPUTE_TIME: compute / max(steps, 1),
+            M.DATA_WAIT: data_wait / max(steps, 1),
+            M.DATA_WAIT_PCT: 100.0 * data_wait / wall,
         }
         if self.flops_per_sample:
             tflops = self.flops_per_sample * samples / wall / self.world_size / 1e12
-            row["tflops_per_device"] = tflops
+            row[M.TFLOPS_PER_DEVICE] = tflops
             if self.peak:
-                row["mfu(%)"] = 100.0 * tflops / self.peak
-        mem = dict(zip(mem_keys, worst[3:]))
-        self._track_memory(mem)
-        row.update(mem)
+                row[M.MFU] = 100.0 * tflops / self.peak
+        row.update(worst)  # the memory figures
         return row
-
-    def _track_memory(self, mem: dict) -> None:
-        for k, v in mem.items():
-            self.mem_peak[k] = max(v, self.mem_peak.get(k, 0.0))
 
     # ---- run summary ---------------------------------------------------------------------
     def summary(self) -> dict:
-        """The run's throughput figures. Every rank must call it (it reduces over ranks)."""
+        """The run's throughput figures. Every rank must call it (it reduces over ranks): each window is
+        the slowest rank's, pauses included."""
         end = self.train_end_t if self.train_end_t is not None else self.clock()
         train = end - self.train_start_t
         samples = self.steps * self.global_batch
-        vals = [train, train - self.paused_total, self.compute, self.data_wait]
-        steady_samples = 0
-        if self._steady is not None and self.steps > self.warmup_steps:
+        per_rank = {"train": train, "train_unpaused": train - self.paused_total, "compute": self.compute,
+                    "data_wait": self.data_wait, "eval": self.paused.get("eval", 0.0),
+                    "checkpoint": self.paused.get("checkpoint", 0.0)}
+        steady = self._steady is not None and self.steps > self.warmup_steps
+        if steady:
             t0, s0, paused0 = self._steady
             steady_samples = (self.steps - s0) * self.global_batch
-            steady_train = end - t0
-            vals += [steady_train, steady_train - (self.paused_total - paused0), self._steady_compute]
-        mem = self.memory_probe()
-        mem_keys = sorted(mem)
-        worst = self.reduce_max(vals + [mem[k] for k in mem_keys])
-        self._track_memory(dict(zip(mem_keys, worst[len(vals):])))
+            per_rank.update(steady_train=end - t0, steady_train_unpaused=end - t0 - (self.paused_total - paused0),
+                            steady_compute=self._steady_compute)
+        w = self._slowest(per_rank)
         out = {
             "train_samples": samples,
-            "train_time": worst[0],
-            "eval_time": self.paused.get("eval", 0.0),
-            "checkpoint_time": self.paused.get("checkpoint", 0.0),
-            "data_wait_time": worst[3],
-            "compute_time": worst[2],
-            "p_whole": _rate(samples, worst[0]),
-            "p_train": _rate(samples, worst[1]),
-            "p_core": _rate(samples, worst[2]),
+            "train_time": w["train"],
+            "eval_time": w["eval"],
+            "checkpoint_time": w["checkpoint"],
+            "data_wait_time": w["data_wait"],
+            "compute_time": w["compute"],
+            "p_whole": _rate(samples, w["train"]),
+            "p_train": _rate(samples, w["train_unpaused"]),
+            "p_core": _rate(samples, w["compute"]),
             "steady_warmup_steps": self.warmup_steps,
-            **self.memory_summary(),
+            **DeviceMemoryMonitor.summary(self.mem_peak),
         }
-        if steady_samples:
-            out.update({"p_whole_steady": _rate(steady_samples, worst[4]),
-                        "p_train_steady": _rate(steady_samples, worst[5]),
-                        "p_core_steady": _rate(steady_samples, worst[6])})
+        if steady:
+            out.update({"p_whole_steady": _rate(steady_samples, w["steady_train"]),
+                        "p_train_steady": _rate(steady_samples, w["steady_train_unpaused"]),
+                        "p_core_steady": _rate(steady_samples, w["steady_compute"])})
         if self.flops_per_sample and out["p_core"]:
             out["tflops_per_device_core"] = self.flops_per_sample * out["p_core"] / self.world_size / 1e12
             if self.peak:
@@ -234,48 +236,52 @@ class StepProfiler:
         return out
 
 
-    def memory_summary(self) -> dict:
-        peak = self.mem_peak
-        if "memory/device_used(GiB)" in peak:
-            return {"mem_used_gib": peak["memory/device_used(GiB)"], "mem_total_gib": peak["memory/device_total(GiB)"],
-                    "mem_max_allocated_gib": peak["memory/max_allocated(GiB)"],
-                    "mem_max_reserved_gib": peak["memory/max_reserved(GiB)"],
-                    "mem_source": "device memory used (cudaMemGetInfo, as nvidia-smi), peak over the run, "
-                                  "max over ranks"}
-        if "memory/host_peak_rss(GiB)" in peak:
-            import psutil
-
-            return {"mem_used_gib": peak["memory/host_peak_rss(GiB)"],
-                    "mem_total_gib": psutil.virtual_memory().total / GIB,
-                    "mem_source": "no device memory (CPU run): peak RSS of the largest rank / the machine's memory"}
-        return {}
-
-
 def _rate(samples: float, seconds: float) -> float | None:
     return samples / seconds if seconds > 0 and samples else None
 
 
-def process_memory_probe(device) -> Callable[[], dict]:
-    """Memory figures for one rank, in GiB. CUDA: allocator peaks since the last call (then reset)
-    and the device's used/total (cudaMemGetInfo: the whole device, as nvidia-smi shows it).
-    Everywhere: this process's resident set and its peak."""
-    import psutil
-    import torch
+class TraceWindow:
+    """`--profile-steps A:B`: a torch.profiler trace of steps A..B-1 of the run (counted as the run counts
+    them, so also after a resume), driven by `torch.profiler.schedule` and exported by `on_trace_ready`.
+    Stopping and exporting the trace is a pause of the step profiler, not training; a run that ends inside
+    the window still exports what it traced (on exit)."""
 
-    proc = psutil.Process()
+    def __init__(self, steps: tuple[int, int] | None, first_step: int, out_dir, rank: int, pause):
+        self.prof, self.pause, self.end = None, pause, None
+        if steps is None or steps[1] <= first_step:
+            return
+        import torch
 
-    def probe() -> dict:
-        out = {"memory/host_rss(GiB)": proc.memory_info().rss / GIB,
-               "memory/host_peak_rss(GiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
-        if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            out.update({
-                "memory/max_allocated(GiB)": torch.cuda.max_memory_allocated(device) / GIB,
-                "memory/max_reserved(GiB)": torch.cuda.max_memory_reserved(device) / GIB,
-                "memory/device_used(GiB)": (total - free) / GIB,
-                "memory/device_total(GiB)": total / GIB,
-            })
-            torch.cuda.reset_peak_memory_stats(device)
-        return out
+        start, self.end = max(steps[0], first_step), steps[1]
+        warmup = min(1, start - first_step)  # one untraced profiler step first, where there is room for it
+        self.trace_path = out_dir / "profile" / f"trace_rank{rank}.json"
+        self.prof = torch.profiler.profile(
+            schedule=torch.profiler.schedule(wait=start - first_step - warmup, warmup=warmup,
+                                             active=self.end - start, repeat=1),
+            on_trace_ready=self._export, record_shapes=True)
 
-    return probe
+    def _export(self, prof) -> None:
+        self.trace_path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.trace_path))
+
+    def __enter__(self):
+        if self.prof:
+            self.prof.start()
+        return self
+
+    def step(self, step_done: int) -> None:
+        """After each optimizer step; `step_done` is the run's step count after it."""
+        if self.prof is None:
+            return
+        if step_done == self.end:  # this call stops the trace and exports it
+            with self.pause("profile_export"):
+                self.prof.step()
+            self.prof = None
+        else:
+            self.prof.step()
+
+    def __exit__(self, *exc):
+        if self.prof:  # ended inside (or before) the window: export what was traced
+            with self.pause("profile_export"):
+                self.prof.stop()
+            self.prof = None

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from vitbench import metrics as M
+
 COLUMNS = {
     "zh": ["配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"],
     "en": ["config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"],
@@ -146,18 +148,27 @@ def plots(results: list[dict], out_dir: Path, lang: str = "en") -> list[Path]:
 
 
 # W&B workspace: the standard panels, built with W&B's own wandb-workspaces library.
+def _train(*names):
+    return [f"{M.TRAIN_PREFIX}{n}" for n in names]
+
+
 WORKSPACE_SECTIONS = {
-    "Throughput": [("throughput", ["train/throughput(img/s)"]),
-                   ("throughput per device", ["train/throughput_per_device(img/s)"])],
-    "Where time goes": [("p_core vs p_train: compute vs step time", ["train/compute_time(s)", "train/step_time(s)"]),
-                        ("data-wait share", ["train/data_wait(%)"])],
-    "Efficiency": [("MFU", ["train/mfu(%)"]), ("achieved TFLOP/s per device", ["train/tflops_per_device"])],
-    "Memory": [("allocator peaks", ["train/memory/max_allocated(GiB)", "train/memory/max_reserved(GiB)"]),
-               ("device used", ["train/memory/device_used(GiB)"]), ("host RSS", ["train/memory/host_rss(GiB)"])],
-    "Training": [("loss", ["train/loss"]), ("learning rate", ["train/lr"]), ("gradient norm", ["train/grad_norm"]),
-                 ("loss scale", ["train/loss_scale"])],
-    "Accuracy": [("top-1", ["eval/acc1"]), ("top-5", ["eval/acc5"]), ("validation loss", ["eval/loss"])],
+    "Throughput": [("throughput", _train(M.THROUGHPUT)), ("throughput per device", _train(M.THROUGHPUT_PER_DEVICE))],
+    "Where time goes": [("p_core vs p_train: compute vs step time", _train(M.COMPUTE_TIME, M.STEP_TIME)),
+                        ("data-wait share", _train(M.DATA_WAIT_PCT))],
+    "Efficiency": [("MFU", _train(M.MFU)), ("achieved TFLOP/s per device", _train(M.TFLOPS_PER_DEVICE))],
+    "Memory": [("allocator peaks", _train(M.MEM_MAX_ALLOCATED, M.MEM_MAX_RESERVED)),
+               ("allocator peaks, % of capacity", _train(M.MEM_MAX_ALLOCATED_PCT, M.MEM_MAX_RESERVED_PCT)),
+               ("allocator retries and OOMs", _train(M.MEM_ALLOC_RETRIES, M.MEM_OOMS)),
+               ("device used", _train(M.MEM_DEVICE_USED)), ("host RSS", _train(M.MEM_HOST_RSS))],
+    "Training": [("loss", _train(M.LOSS)), ("learning rate", _train(M.LR)), ("gradient norm", _train(M.GRAD_NORM)),
+                 ("loss scale", _train(M.LOSS_SCALE))],
+    "Accuracy": [("top-1", [f"{M.EVAL_PREFIX}{M.ACC1}"]), ("top-5", [f"{M.EVAL_PREFIX}{M.ACC5}"]),
+                 ("validation loss", [f"{M.EVAL_PREFIX}{M.VAL_LOSS}"])],
 }
+# Panels of series that only GPU runs (device memory, MFU without --peak-tflops) or fp16 (loss scale) log.
+GPU_OR_FP16_ONLY = {*_train(M.MFU, M.MEM_MAX_ALLOCATED, M.MEM_MAX_RESERVED, M.MEM_MAX_ALLOCATED_PCT,
+                            M.MEM_MAX_RESERVED_PCT, M.MEM_ALLOC_RETRIES, M.MEM_OOMS, M.MEM_DEVICE_USED, M.LOSS_SCALE)}
 
 
 def build_workspace(entity_project: str, name: str = "vitbench"):
@@ -170,7 +181,7 @@ def build_workspace(entity_project: str, name: str = "vitbench"):
         raise ValueError(f"--wandb-workspace wants ENTITY/PROJECT, got '{entity_project}'")
     sections = []
     for title, panels in WORKSPACE_SECTIONS.items():
-        x = "eval/epoch" if title == "Accuracy" else "train/step"
+        x = f"{M.EVAL_PREFIX}epoch" if title == "Accuracy" else f"{M.TRAIN_PREFIX}step"
         sections.append(ws.Section(name=title, is_open=True, panels=[
             wr.LinePlot(title=t, x=x, y=list(ys), groupby="Group") for t, ys in panels]))
     summary = wr.RunComparer()

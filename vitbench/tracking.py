@@ -1,14 +1,23 @@
-"""Weights & Biases tracking that can never stop or slow a training run.
+"""Tracking that can never stop or slow a training run: every profiler row, evaluation and checkpoint
+goes to OUTPUT_DIR/metrics.jsonl (always, so reports need neither a W&B server nor its binary files)
+and to Weights & Biases.
 
-One W&B run per launch, made on the main process only; every call is guarded: the first failure
-prints one warning and turns tracking off for the rest of the run.
+One W&B run per launch, made on the main process only; every W&B call is guarded: the first failure
+prints one warning and turns W&B off for the rest of the run.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import time
 import warnings
 from pathlib import Path
+
+from vitbench.metrics import EVAL_PREFIX, TRAIN_PREFIX
+
+METRICS_FILE = "metrics.jsonl"
 
 TABLE_COLUMNS = ["config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"]
 
@@ -19,7 +28,13 @@ class Tracker:
         self.run = None
         self.mode = mode
         self.run_dir = Path(run_dir)
-        if mode == "off" or not enabled:
+        self.jsonl = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Appended (a resumed run adds to its rows) and flushed per row: a killed run keeps what it logged.
+        self.jsonl = open(self.run_dir / METRICS_FILE, "a", buffering=1)
+        if mode == "off":
             return
         if mode == "online":
             try:
@@ -47,10 +62,10 @@ class Tracker:
                               dir=str(self.run_dir), mode=self.mode, reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True,
                                                      init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30))))
-        self.run.define_metric("train/step")
-        self.run.define_metric("train/*", step_metric="train/step")
-        self.run.define_metric("eval/epoch")
-        self.run.define_metric("eval/*", step_metric="eval/epoch")
+        self.run.define_metric(f"{TRAIN_PREFIX}step")
+        self.run.define_metric(f"{TRAIN_PREFIX}*", step_metric=f"{TRAIN_PREFIX}step")
+        self.run.define_metric(f"{EVAL_PREFIX}epoch")
+        self.run.define_metric(f"{EVAL_PREFIX}*", step_metric=f"{EVAL_PREFIX}epoch")
         if self.mode == "offline":
             print(f"wandb: offline run files in {self.run.dir}; upload with `wandb sync {Path(self.run.dir).parent}`")
 
@@ -74,15 +89,31 @@ class Tracker:
     def active(self) -> bool:
         return self.run is not None
 
-    def log_step(self, step: int, row: dict) -> None:
-        if self.run:
-            self._guard("log", self.run.log, {"train/step": step, **{f"train/{k}": v for k, v in row.items()}})
+    def _write(self, kind: str, step: int, row: dict) -> None:
+        if self.jsonl:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **clean}) + "\n")
 
-    def log_eval(self, epoch: int, row: dict) -> None:
+    def log_step(self, step: int, row: dict) -> None:
+        self._write("train", step, row)
         if self.run:
-            self._guard("log", self.run.log, {"eval/epoch": epoch, **{f"eval/{k}": v for k, v in row.items()}})
+            self._guard("log", self.run.log, {f"{TRAIN_PREFIX}step": step,
+                                              **{f"{TRAIN_PREFIX}{k}": v for k, v in row.items()}})
+
+    def log_eval(self, epoch: int, step: int, row: dict) -> None:
+        self._write("eval", step, {"epoch": epoch, **row})
+        if self.run:
+            self._guard("log", self.run.log, {f"{EVAL_PREFIX}epoch": epoch,
+                                              **{f"{EVAL_PREFIX}{k}": v for k, v in row.items()}})
+
+    def log_event(self, kind: str, step: int) -> None:
+        """A point in the run's timeline (a checkpoint save): metrics.jsonl only."""
+        self._write(kind, step, {})
 
     def finish(self, summary: dict, table_row: list, artifacts: list[Path] = ()) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+            self.jsonl = None
         if self.run:
             self._guard("finish", self._finish, summary, table_row, artifacts)
 

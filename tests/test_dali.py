@@ -1,0 +1,96 @@
+"""`--loader dali`: NVIDIA DALI's real pipeline on its CPU operators, over real demo shards."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+import webdataset as wds
+from conftest import BIN, REPO, TINY, info, launch, results
+
+from vitbench import dali_loader, data
+
+CPU = torch.device("cpu")
+
+
+def loader(shards, *, batch_size=6, rank=0, world_size=1, repeats=1, aa=None, seed=0):
+    return dali_loader.DaliTrainLoader(shards, 32, aa, batch_size, rank=rank, world_size=world_size, threads=1,
+                                       seed=seed, repeats=repeats, device=CPU)
+
+
+def test_batches_are_the_default_loaders_uint8_and_repeat_each_image_augmented_apart(demo_shards):
+    train = data.load_split(demo_shards, "train")
+    batch = next(loader(train, repeats=3, aa="rand-m9-mstd0.5").batches(1))
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (6, 3, 32, 32)
+    assert all(0 <= int(y) < train.num_classes for y in batch["labels"]) and batch["skipped"] == 0
+    keys = batch["keys"]
+    assert keys[:2] == keys[2:4] == keys[4:] and keys[0] != keys[1]  # 2 images x 3 copies
+    assert batch["labels"][:2].tolist() == batch["labels"][2:4].tolist()
+    assert not torch.equal(batch["images"][0], batch["images"][2]), "copies are augmented independently"
+    # the key is the sample's own: the demo writes each class's name into its key
+    labels_of = {s["__key__"]: int(s["cls"]) for url in train.urls
+                 for s in wds.tariterators.tarfile_samples([{"url": url}])}
+    assert [labels_of[k] for k in keys] == batch["labels"].tolist()
+
+
+def test_an_epoch_reads_each_sample_once_across_ranks(demo_shards):
+    """DALI's reader splits the split's samples over ranks: one epoch of each rank is disjoint from the
+    other's and repeats nothing."""
+    train = data.load_split(demo_shards, "train")
+    per_rank = train.num_samples // 2
+    seen = []
+    for rank in range(2):
+        keys = [k for b in loader(train, batch_size=5, rank=rank, world_size=2).batches(per_rank // 5)
+                for k in b["keys"]]
+        assert len(keys) == len(set(keys)) == per_rank // 5 * 5
+        seen.append(set(keys))
+    assert not seen[0] & seen[1]
+
+
+def test_index_files_are_dalis_own_format_and_are_used(demo_shards, tmp_path):
+    shutil.copytree(demo_shards, tmp_path / "s")
+    train = data.load_split(tmp_path / "s", "train")
+    assert dali_loader.index_paths(train) is None
+    assert subprocess.run([str(BIN / "python"), "shards/prep_shards.py", "--out", str(tmp_path / "s"), "--split",
+                           "train", "--dali-index"], cwd=REPO, capture_output=True).returncode == 0
+    reference = tmp_path / "ref.idx"
+    subprocess.run([str(BIN / "wds2idx"), train.urls[0], str(reference)], check=True, capture_output=True)
+    assert (tmp_path / "s" / (train.urls[0].rsplit("/", 1)[1] + ".idx")).read_text() == reference.read_text()
+    assert dali_loader.index_paths(train) == [u + ".idx" for u in train.urls]
+    keys = [k for b in loader(train, batch_size=10).batches(train.num_samples // 10) for k in b["keys"]]
+    assert len(set(keys)) == len(keys) == train.num_samples // 10 * 10  # read through the index files
+
+
+def test_bad_label_is_dropped_and_counted_corrupt_jpeg_is_a_clear_error(demo_shards, tmp_path):
+    src = data.load_split(demo_shards, "train")
+    samples = list(wds.tariterators.tarfile_samples([{"url": src.urls[0]}]))
+
+    def shard(name, change):
+        path = tmp_path / name
+        with wds.TarWriter(str(path)) as tw:
+            for i, s in enumerate(samples):
+                tw.write(change(i, {"__key__": s["__key__"], "jpg": s["jpg"], "cls": s["cls"]}))
+        return data.ShardSet("train", [str(path)], [len(samples)], 10)
+
+    bad_label = shard("label-0000.tar", lambda i, s: {**s, "cls": b"99"} if i == 2 else s)
+    batches = list(loader(bad_label, batch_size=len(samples)).batches(1))
+    assert batches[0]["skipped"] == 1 and len(batches[0]["labels"]) == len(samples) - 1
+    assert samples[2]["__key__"] not in batches[0]["keys"]
+
+    corrupt = shard("jpeg-0000.tar", lambda i, s: {**s, "jpg": b"garbage"} if i == 1 else s)
+    with pytest.raises(data.DataError) as e:
+        list(loader(corrupt, batch_size=len(samples)).batches(1))
+    message = str(e.value)
+    assert str(tmp_path) in message and "--verify" in message and "default loader" in message
+
+
+@pytest.mark.slow
+def test_trainer_with_dali_trains_and_evaluates_every_sample(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    launch([*TINY, "--data-dir", str(demo_shards), "--output-dir", str(out), "--batch-size", "6",
+            "--global-batch-size", "12", "--aug-repeats", "3", "--max-steps", "4", "--log-interval", "2",
+            "--wandb", "off", "--loader", "dali"], processes=1)
+    r = results(out)
+    assert r["loader"] == "dali" and r["epoch_sampling"] == dali_loader.EPOCH_SAMPLING
+    assert r["global_step"] == 4 and r["train_samples"] == 4 * 12
+    assert r["eval_samples"] == info(demo_shards)["splits"]["validation"]["num_samples"]

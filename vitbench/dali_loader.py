@@ -1,0 +1,163 @@
+"""`--loader dali`: the training stream as an NVIDIA DALI pipeline over the same shards and `_info.json`.
+
+On a GPU the JPEGs are decoded by nvjpeg (`device="mixed"`, the hardware decoder where there is one)
+fused with the RandomResizedCrop region, then resized, flipped and RandAugment-ed on the GPU; on a CPU
+the same graph runs with DALI's CPU operators (so CI runs it). Batches leave the pipeline as uint8 NCHW,
+like the default loader's, and data.OnDevice normalizes them: the two loaders feed the model the same way.
+Validation keeps the exactly-once reader of vitbench.data.
+
+Sharding: DALI splits the split's samples over ranks (`shard_id`/`num_shards`), shuffles within a buffer
+and reads every sample of its part once per DALI epoch (shards in a new order each epoch): honest epochs.
+Repeated augmentation xR decodes each read sample R times with independent crops and augmentations.
+Tar index files (`<shard>.idx`, DALI's `wds2idx` format, written by `prep_shards.py --dali-index`) are
+used when every shard has one; without them DALI infers the index by reading the tars at start.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitbench.data import DataError, ShardSet
+
+INDEX_SUFFIX = ".idx"
+EPOCH_SAMPLING = "dali-sharded"  # results.json: DALI's reader splits the samples over ranks, each once per epoch
+# timm's RandAugment magnitude runs 0..10; DALI's is a bin in 0..num_magnitude_bins-1.
+_TIMM_MAX_MAGNITUDE, _DALI_BINS = 10, 31
+
+
+def rand_augment_args(policy: str | None) -> tuple[int, int] | None:
+    """timm's `rand-m9-n2-...` -> (n ops, DALI magnitude bin); None for no policy. Only RandAugment maps."""
+    if not policy:
+        return None
+    parts = policy.split("-")
+    if parts[0] != "rand":
+        raise DataError(f"--loader dali supports RandAugment policies ('rand-m9-mstd0.5'), not '{policy}'")
+    n, m = 2, 9  # timm's defaults
+    for part in parts[1:]:
+        key, value = re.match(r"([a-z]+)(.*)", part).groups()
+        if key == "m":
+            m = float(value)
+        elif key == "n":
+            n = int(value)
+    return n, round(m / _TIMM_MAX_MAGNITUDE * (_DALI_BINS - 1))
+
+
+def write_index(tar_path: str | Path) -> Path:
+    """DALI's tar index (what its `wds2idx` writes: "v1.2 N", then per sample `ext offset size name` for
+    each of its files) beside the shard as `<shard>.idx`, from Python's tarfile (no `tar` subprocess).
+    Written to a temporary name and renamed: a half-written index is never taken for a whole one."""
+    import tarfile
+
+    tar_path = Path(tar_path)
+    samples, last = [], None
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isreg() or "/" in member.name or member.name.startswith("."):
+                continue
+            key, _, ext = member.name.partition(".")
+            if key != last:
+                samples.append([])
+                last = key
+            samples[-1].append(f"{ext} {member.offset_data} {member.size} {member.name}")
+    out = tar_path.with_name(tar_path.name + INDEX_SUFFIX)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(parts) + "\n" for parts in samples))
+    tmp.replace(out)
+    return out
+
+
+def index_paths(shards: ShardSet) -> list[str] | None:
+    paths = [u + INDEX_SUFFIX for u in shards.urls]
+    return paths if all(Path(p).is_file() for p in paths) else None
+
+
+def _graph(shards: ShardSet, img_size: int, rand_augment: tuple[int, int] | None, repeats: int, rank: int,
+           world_size: int, gpu: bool):
+    from nvidia.dali import fn, types
+    from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+
+    jpegs, labels = fn.readers.webdataset(
+        paths=shards.urls, index_paths=index_paths(shards), ext=["jpg", "cls"], missing_component_behavior="skip",
+        shard_id=rank, num_shards=world_size, random_shuffle=True, initial_fill=4096,
+        shuffle_after_epoch=False, name="Reader")
+    keys = fn.get_property(jpegs, key="source_info")
+    outputs = []
+    for _ in range(repeats):  # independent crop, flip and augmentation per copy
+        img = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                            random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+        img = fn.resize(img, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_LINEAR, antialias=True)
+        img = fn.flip(img, horizontal=fn.random.coin_flip())
+        if rand_augment:
+            img = dali_rand_augment.rand_augment(img, n=rand_augment[0], m=rand_augment[1],
+                                                 num_magnitude_bins=_DALI_BINS)
+        outputs.append(fn.transpose(img, perm=[2, 0, 1]))  # HWC -> CHW, still uint8
+    return (*outputs, labels, keys)
+
+
+class DaliTrainLoader:
+    """Built once per launch; `batches(n)` yields the default loader's batch dicts ({"images" uint8 NCHW,
+    "labels", "keys", "skipped"}) for the next n micro-batches."""
+
+    def __init__(self, shards: ShardSet, img_size: int, auto_augment: str | None, batch_size: int, *, rank: int,
+                 world_size: int, threads: int, seed: int, repeats: int, device: torch.device):
+        from nvidia.dali import pipeline_def
+
+        # DALI's own RandAugment calls operators it has since renamed: one warning per op, not ours to fix.
+        warnings.filterwarnings("ignore", message=r"WARNING: `nvidia\.dali\.fn\.experimental\.",
+                                category=DeprecationWarning)
+        if batch_size % repeats:
+            raise DataError(f"--loader dali needs --batch-size ({batch_size}) divisible by --aug-repeats ({repeats})")
+        self.shards, self.device, self.repeats = shards, device, repeats
+        self.gpu = device.type == "cuda"
+        pipe = pipeline_def(_graph, enable_conditionals=True)(
+            shards, img_size, rand_augment_args(auto_augment), repeats, rank, world_size, self.gpu,
+            batch_size=batch_size // repeats, num_threads=max(1, threads),
+            device_id=device.index if self.gpu else None, seed=seed + 7919 * rank, prefetch_queue_depth=2)
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise DataError(self._message("cannot open the train shards", e)) from None
+        self.pipe = pipe
+
+    def _message(self, what: str, e: Exception) -> str:
+        detail = " ".join(str(e).split())[:400]
+        where = str(Path(self.shards.urls[0]).parent)
+        return (f"DALI {what} under {where} ({detail}); DALI cannot skip such samples: find them with "
+                "`shards/prep_shards.py --verify`, or train with the default loader (it skips and counts them)")
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.gpu else None
+        return feed_ndarray(dense, out, cuda_stream=stream)
+
+    def batches(self, n: int):
+        for _ in range(n):
+            try:
+                *images, labels, keys = self.pipe.run()
+            except RuntimeError as e:
+                raise DataError(self._message("could not read or decode a train sample", e)) from None
+            ok, values = [], []
+            for i in range(len(labels)):
+                text = bytes(np.asarray(labels.at(i))).decode("ascii", "replace").strip()
+                good = text.isdigit() and int(text) < self.shards.num_classes
+                ok.append(good)
+                values.append(int(text) if good else 0)
+            # source_info is "<tar>:<offset>:<member>"; the key is the member's name without its extension
+            names = [bytes(np.asarray(keys.at(i))).decode("utf-8", "replace").rsplit(":", 1)[-1].rsplit(".", 1)[0]
+                     for i in range(len(keys))]
+            x = torch.cat([self._to_torch(t) for t in images])  # copy r of every sample after copy r-1
+            y = torch.tensor(values * self.repeats)
+            keep = torch.tensor(ok * self.repeats)
+            names = names * self.repeats
+            if not keep.all():  # a bad label: the sample is dropped here and counted, as by the default reader
+                x, y = x[keep.to(x.device)], y[keep]
+                names = [name for name, good in zip(names, keep.tolist()) if good]
+            yield {"images": x, "labels": y, "keys": names, "skipped": ok.count(False)}

@@ -1,0 +1,100 @@
+"""Every metric name a run writes, defined once, and the device memory monitor.
+
+One scheme, torchtitan's: `group/name(unit)`, no group for the headline figures. The profiler, the
+console line, metrics.jsonl, W&B (under `train/`) and the report all use these constants, never the
+strings themselves.
+"""
+
+from __future__ import annotations
+
+import resource
+
+GIB = 1024**3
+
+# ---- per-interval rows (profiler) ----------------------------------------------------------------
+THROUGHPUT = "throughput(img/s)"
+THROUGHPUT_PER_DEVICE = "throughput_per_device(img/s)"
+TFLOPS_PER_DEVICE = "tflops_per_device(TFLOP/s)"
+MFU = "mfu(%)"
+STEP_TIME = "time/step(s)"
+COMPUTE_TIME = "time/compute(s)"
+DATA_WAIT = "time/data_wait(s)"
+DATA_WAIT_PCT = "time/data_wait(%)"
+# ---- memory (DeviceMemoryMonitor) ----------------------------------------------------------------
+MEM_MAX_ALLOCATED = "memory/max_allocated(GiB)"
+MEM_MAX_ALLOCATED_PCT = "memory/max_allocated(%)"
+MEM_MAX_RESERVED = "memory/max_reserved(GiB)"
+MEM_MAX_RESERVED_PCT = "memory/max_reserved(%)"
+MEM_ALLOC_RETRIES = "memory/num_alloc_retries"
+MEM_OOMS = "memory/num_ooms"
+MEM_DEVICE_USED = "memory/device_used(GiB)"
+MEM_DEVICE_TOTAL = "memory/device_total(GiB)"
+MEM_HOST_RSS = "memory/host_rss(GiB)"
+MEM_HOST_PEAK_RSS = "memory/host_peak_rss(GiB)"
+# ---- training state (the loop) -------------------------------------------------------------------
+STEP = "step"
+EPOCH = "epoch"
+LOSS = "loss"
+LR = "lr"
+GRAD_NORM = "grad_norm"
+LOSS_SCALE = "loss_scale"
+# ---- evaluation rows -----------------------------------------------------------------------------
+ACC1 = "acc1"
+ACC5 = "acc5"
+VAL_LOSS = "loss"
+EVAL_SAMPLES = "samples"
+
+# W&B namespaces: train rows are plotted against train/step, evaluations against eval/epoch.
+TRAIN_PREFIX = "train/"
+EVAL_PREFIX = "eval/"
+
+
+class DeviceMemoryMonitor:
+    """Memory of one rank since the previous `probe()` (allocator peaks are reset after each), in the names
+    above, as torchtitan's DeviceMemoryMonitor. CUDA: allocator peaks, % of capacity, allocator retries and
+    OOMs, and the device's used/total (cudaMemGetInfo: the whole device, the figure nvidia-smi shows).
+    Everywhere: this process's resident set and its peak (the only memory a CPU run has)."""
+
+    def __init__(self, device):
+        import psutil
+        import torch
+
+        self.device, self._torch, self._proc = device, torch, psutil.Process()
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            self.capacity = torch.cuda.get_device_properties(device).total_memory
+
+    def probe(self) -> dict:
+        out = {MEM_HOST_RSS: self._proc.memory_info().rss / GIB,
+               MEM_HOST_PEAK_RSS: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+        if self.cuda:
+            cuda = self._torch.cuda
+            stats = cuda.memory_stats(self.device)
+            free, total = cuda.mem_get_info(self.device)
+            allocated, reserved = cuda.max_memory_allocated(self.device), cuda.max_memory_reserved(self.device)
+            out.update({
+                MEM_MAX_ALLOCATED: allocated / GIB, MEM_MAX_ALLOCATED_PCT: 100.0 * allocated / self.capacity,
+                MEM_MAX_RESERVED: reserved / GIB, MEM_MAX_RESERVED_PCT: 100.0 * reserved / self.capacity,
+                MEM_ALLOC_RETRIES: float(stats.get("num_alloc_retries", 0)),
+                MEM_OOMS: float(stats.get("num_ooms", 0)),
+                MEM_DEVICE_USED: (total - free) / GIB, MEM_DEVICE_TOTAL: total / GIB,
+            })
+            cuda.reset_peak_memory_stats(self.device)
+        return out
+
+    @staticmethod
+    def summary(peak: dict) -> dict:
+        """results.json's memory fields from the run's peaks (max over probes and ranks)."""
+        if MEM_DEVICE_USED in peak:
+            return {"mem_used_gib": peak[MEM_DEVICE_USED], "mem_total_gib": peak[MEM_DEVICE_TOTAL],
+                    "mem_max_allocated_gib": peak[MEM_MAX_ALLOCATED], "mem_max_reserved_gib": peak[MEM_MAX_RESERVED],
+                    "mem_alloc_retries": int(peak[MEM_ALLOC_RETRIES]), "mem_ooms": int(peak[MEM_OOMS]),
+                    "mem_source": "device memory used (cudaMemGetInfo, as nvidia-smi), peak over the run, "
+                                  "max over ranks"}
+        if MEM_HOST_PEAK_RSS in peak:
+            import psutil
+
+            return {"mem_used_gib": peak[MEM_HOST_PEAK_RSS], "mem_total_gib": psutil.virtual_memory().total / GIB,
+                    "mem_source": "no device memory (CPU run): peak RSS of the largest rank / the machine's memory"}
+        return {}

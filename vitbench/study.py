@@ -1,0 +1,273 @@
+"""The study's deliverable from local run files: scaling, precision x ZeRO, each run's step timeline, and
+`report.md` tying them to the seed's table and each run's environment (`report.py --out DIR`).
+
+Runs are compared only when they differ in nothing but what a comparison varies: the layout for scaling,
+precision and ZeRO stage for the matrix. Everything else that shapes the work (device, model, image size,
+micro and global batch, loader, compile) must match; a run without a partner gets a footnote saying what
+its nearest candidate differs in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from vitbench import metrics as M
+from vitbench.reporting import config_label, device_short_name, markdown_table, plots
+from vitbench.tracking import METRICS_FILE
+
+PRECISION_ORDER = ["fp32", "tf32", "amp", "fp16", "bf16"]
+
+
+def describe(r: dict) -> dict:
+    """What defines a run's work, field by field."""
+    cfg = r.get("config", {})
+    return {"device": device_short_name(r.get("environment", {})), "model": cfg.get("model"),
+            "img_size": cfg.get("img_size"), "patch_size": cfg.get("patch_size"),
+            "model_kwargs": json.dumps(cfg.get("model_kwargs") or {}, sort_keys=True),
+            "batch_size": cfg.get("batch_size"), "global_batch_size": r.get("global_batch_size"),
+            "loader": r.get("loader", "wds"), "compile": bool(cfg.get("compile")),
+            "precision": r.get("precision"), "zero_stage": r.get("zero_stage"),
+            "layout": f"{r['nnodes']}x{r['nproc_per_node']}"}
+
+
+def _groups(results: list[dict], varied: set[str]) -> tuple[list[list[dict]], list[str]]:
+    """Runs grouped by everything but VARIED (groups of 2+ distinct VARIED values), and footnotes for the
+    runs left out."""
+    keyed = {}
+    for r in results:
+        d = describe(r)
+        keyed.setdefault(tuple(v for k, v in d.items() if k not in varied), []).append(r)
+    groups, notes = [], []
+    for members in keyed.values():
+        distinct = {tuple(describe(r)[k] for k in sorted(varied)) for r in members}
+        if len(distinct) > 1:
+            groups.append(members)
+            continue
+        for r in members:
+            others = [o for o in results if o is not r and
+                      tuple(describe(o)[k] for k in sorted(varied)) != tuple(describe(r)[k] for k in sorted(varied))]
+            if not others:
+                notes.append(f"{run_label(r)}: no run of another {' / '.join(sorted(varied))} to compare with")
+                continue
+            diffs = min(([k for k, v in describe(o).items() if k not in varied and v != describe(r)[k]]
+                         for o in others), key=len)
+            notes.append(f"{run_label(r)}: not compared; the nearest run of another {' / '.join(sorted(varied))} "
+                         f"also differs in {', '.join(diffs)}")
+    return groups, notes
+
+
+def run_label(r: dict) -> str:
+    return f"{config_label(r, 'en')} {r['precision']} ZeRO-{r['zero_stage']}"
+
+
+def _pct(value: float | None) -> str:
+    return "/" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value, digits=0) -> str:
+    return "/" if value is None else f"{value:.{digits}f}"
+
+
+# ---- scaling -------------------------------------------------------------------------------------------
+def scaling_rows(group: list[dict]) -> list[dict]:
+    """Per layout: devices, p_train, p_core, per-device efficiency against 1x1 and multi-node efficiency
+    against one node with as many devices per node (FlagPerf's 2x8 vs 1x8), for p_train and p_core."""
+    rows = []
+    one = next((r for r in group if r["world_size"] == 1), None)
+    for r in sorted(group, key=lambda r: (r["world_size"], r["nnodes"])):
+        row = {"run": r, "devices": r["world_size"], "p_train": r.get("p_train"), "p_core": r.get("p_core")}
+        single = next((s for s in group if s["nnodes"] == 1 and s["nproc_per_node"] == r["nproc_per_node"]), None)
+        for key in ("p_train", "p_core"):
+            row[f"{key}_vs_1x1"] = r[key] / (r["world_size"] * one[key]) if one and r.get(key) and one.get(key) \
+                else None
+            row[f"{key}_vs_1node"] = r[key] / (r["nnodes"] * single[key]) \
+                if single and r["nnodes"] > 1 and r.get(key) and single.get(key) else None
+        rows.append(row)
+    return rows
+
+
+def scaling_markdown(group: list[dict]) -> str:
+    lines = ["| layout | devices | p_train | p_core | p_train per device vs 1x1 | p_core per device vs 1x1 "
+             "| p_train vs one node | p_core vs one node |", "|" + " --- |" * 8]
+    for row in scaling_rows(group):
+        r = row["run"]
+        lines.append(f"| {r['nnodes']}x{r['nproc_per_node']} | {row['devices']} | {_num(row['p_train'], 1)} | "
+                     f"{_num(row['p_core'], 1)} | {_pct(row['p_train_vs_1x1'])} | {_pct(row['p_core_vs_1x1'])} | "
+                     f"{_pct(row['p_train_vs_1node'])} | {_pct(row['p_core_vs_1node'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_plot(group: list[dict], path: Path) -> Path:
+    plt = _pyplot()
+    rows = scaling_rows(group)
+    devices = [row["devices"] for row in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, marker in (("p_core", "o"), ("p_train", "s")):
+        ax.plot(devices, [row[key] or math.nan for row in rows], marker=marker, label=key)
+    base = rows[0]
+    if base["p_core"]:  # ideal: the smallest layout's per-device p_core times the devices
+        ax.plot(devices, [base["p_core"] / base["devices"] * d for d in devices], "k--", lw=1,
+                label=f"ideal (linear from {base['devices']} device{'s' if base['devices'] > 1 else ''})")
+    ax.set_xlabel("devices")
+    ax.set_ylabel("images / s")
+    ax.set_xticks(devices)
+    ax.set_title(f"Scaling: {_group_title(group, {'layout'})}", fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# ---- precision x ZeRO ------------------------------------------------------------------------------------
+MATRIX_METRICS = [("p_core", "p_core (img/s)", 1), ("p_train", "p_train (img/s)", 1), ("mfu_core(%)", "MFU (%)", 1),
+                  ("peak_memory", "peak memory (GiB)", 2)]
+
+
+def peak_memory(r: dict) -> float | None:
+    """The allocator's peak on GPUs; on CPUs the largest rank's peak RSS (the only memory there is)."""
+    return r.get("mem_max_allocated_gib", r.get("mem_used_gib"))
+
+
+def matrix_cells(group: list[dict]) -> tuple[list[str], list[int], dict]:
+    precisions = [p for p in PRECISION_ORDER if any(r["precision"] == p for r in group)]
+    stages = sorted({r["zero_stage"] for r in group})
+    cells = {(r["precision"], r["zero_stage"]): {**{k: r.get(k) for k, _, _ in MATRIX_METRICS},
+                                                 "peak_memory": peak_memory(r)} for r in group}
+    return precisions, stages, cells
+
+
+def matrix_markdown(group: list[dict]) -> str:
+    precisions, stages, cells = matrix_cells(group)
+    out = []
+    for key, title, digits in MATRIX_METRICS:
+        lines = [f"| {title} | " + " | ".join(f"ZeRO-{s}" for s in stages) + " |", "|" + " --- |" * (len(stages) + 1)]
+        for p in precisions:
+            lines.append(f"| {p} | " + " | ".join(_num(cells.get((p, s), {}).get(key), digits) for s in stages) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def matrix_plot(group: list[dict], path: Path) -> Path:
+    plt = _pyplot()
+    precisions, stages, cells = matrix_cells(group)
+    fig, axes = plt.subplots(1, len(MATRIX_METRICS), figsize=(3.2 * len(MATRIX_METRICS), 1.2 + 0.6 * len(precisions)))
+    for ax, (key, title, digits) in zip(axes, MATRIX_METRICS):
+        grid = [[cells.get((p, s), {}).get(key) for s in stages] for p in precisions]
+        values = [[math.nan if v is None else v for v in row] for row in grid]
+        ax.imshow(values, cmap="viridis_r" if key == "peak_memory" else "viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, _num(v, digits), ha="center", va="center", fontsize=8, color="white",
+                        bbox={"facecolor": "black", "alpha": 0.35, "lw": 0, "pad": 1})
+        ax.set_xticks(range(len(stages)), [f"ZeRO-{s}" for s in stages], fontsize=8)
+        ax.set_yticks(range(len(precisions)), precisions, fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"Precision x ZeRO: {_group_title(group, {'precision', 'zero_stage'})}", fontsize=9)
+    return _save(fig, path)
+
+
+# ---- step timeline ---------------------------------------------------------------------------------------
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def timeline_plot(r: dict, rows: list[dict], path: Path) -> Path:
+    """Throughput, data-wait share and memory against the step, evaluations and checkpoints marked."""
+    plt = _pyplot()
+    train = [row for row in rows if row["kind"] == "train"]
+    steps = [row["step"] for row in train]
+    mem_key = M.MEM_MAX_RESERVED if any(M.MEM_MAX_RESERVED in row for row in train) else M.MEM_HOST_RSS
+    panels = [(M.THROUGHPUT, "throughput (img/s)"), (M.DATA_WAIT_PCT, "data wait (% of step)"),
+              (mem_key, "allocator peak, reserved (GiB)" if mem_key == M.MEM_MAX_RESERVED else "host RSS (GiB)")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 6), sharex=True)
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(steps, [row.get(key, math.nan) for row in train], marker=".", lw=1)
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+        for row in rows:
+            if row["kind"] == "eval":
+                ax.axvline(row["step"], color="tab:green", ls="--", lw=1)
+            elif row["kind"] == "checkpoint":
+                ax.axvline(row["step"], color="tab:gray", ls=":", lw=1)
+    axes[0].set_title(f"{r['run_name']}: per-step timeline (green dashed: evaluation, grey dotted: checkpoint)",
+                      fontsize=8)
+    axes[-1].set_xlabel("optimizer step")
+    return _save(fig, path)
+
+
+# ---- report.md --------------------------------------------------------------------------------------------
+def write_report(results: list[dict], run_dirs: list[Path], out: Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = ["# vitbench report", "",
+             f"{len(results)} run(s): {', '.join(r['run_name'] for r in results)}.", "",
+             "## The six figures", "", markdown_table(results, "en"), ""]
+    for path in plots(results, out):
+        parts += [f"![{path.stem}]({path.name})", ""]
+    parts += ["## Scaling", ""]
+    groups, notes = _groups(results, {"layout"})
+    for i, group in enumerate(groups, 1):
+        name = "scaling.png" if len(groups) == 1 else f"scaling_{i}.png"
+        parts += [f"**{_group_title(group, {'layout'})}**", "", scaling_markdown(group),
+                  f"![scaling]({scaling_plot(group, out / name).name})", ""]
+    parts += _notes(notes, "No runs of one configuration on several layouts." if not groups else None)
+    parts += ["## Precision x ZeRO", ""]
+    groups, notes = _groups(results, {"precision", "zero_stage"})
+    for i, group in enumerate(groups, 1):
+        name = "matrix.png" if len(groups) == 1 else f"matrix_{i}.png"
+        parts += [f"**{_group_title(group, {'precision', 'zero_stage'})}**", "", matrix_markdown(group),
+                  "Peak memory: the allocator's peak on GPUs, the largest rank's peak RSS on CPUs.", "",
+                  f"![precision x ZeRO]({matrix_plot(group, out / name).name})", ""]
+    parts += _notes(notes, "No runs that differ only in precision or ZeRO stage." if not groups else None)
+    parts += ["## Step timelines", ""]
+    for r, run_dir in zip(results, run_dirs):
+        rows = read_metrics(run_dir)
+        if not any(row["kind"] == "train" for row in rows):
+            parts += [f"- {r['run_name']}: no {METRICS_FILE} rows in {run_dir}", ""]
+            continue
+        png = timeline_plot(r, rows, out / f"steps_{_safe(r['run_name'])}.png")
+        parts += [f"![steps of {r['run_name']}]({png.name})", ""]
+    parts += ["## Environment", "", "| run | device | driver | torch | DeepSpeed | commit |", "|" + " --- |" * 6]
+    for r in results:
+        env = r.get("environment", {})
+        parts.append(f"| {r['run_name']} | {env.get('device_name', '/')} | {env.get('driver') or '/'} | "
+                     f"{env.get('torch', '/')} | {env.get('deepspeed', '/')} | {env.get('git_commit') or '/'} |")
+    path = out / "report.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def _notes(notes: list[str], empty: str | None) -> list[str]:
+    lines = [empty, ""] if empty else []
+    return lines + ([f"- {n}" for n in notes] + [""] if notes else [])
+
+
+def _group_title(group: list[dict], varied: set[str]) -> str:
+    d = describe(group[0])
+    shown = {k: v for k, v in d.items() if k not in varied and k not in ("model_kwargs", "compile")}
+    return ", ".join(f"{k} {v}" for k, v in shown.items() if v is not None)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return Path(path)
