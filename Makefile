@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/python -m vitbench.demo
 	WANDB_MODE=offline $(BIN)/accelerate launch --config_file accelerate_configs/cpu_1x2.yaml train_vit.py --demo \
 	    --output-dir runs/demo
-	$(BIN)/python report.py runs/demo --lang en
+	$(BIN)/python report.py runs/demo --lang en --out runs/demo/report
 
 test: setup
 	$(BIN)/python -m pytest -q tests

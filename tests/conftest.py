@@ -51,6 +51,21 @@ def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True):
     return proc
 
 
+def launch_machines(args, *, machines: int = 2, timeout: int = 600) -> None:
+    """`machines` machines x 1 process in miniature: one `accelerate launch` per machine rank, main on 127.0.0.1."""
+    from vitbench.runinfo import free_port
+
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
+         "--num_machines", str(machines), "--num_processes", str(machines), "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", port, str(REPO / "train_vit.py"), *args],
+        cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(machines)]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * machines, "\n".join(o[-3000:] for o in outputs)
+
+
 def results(out_dir: Path) -> dict:
     return json.loads((Path(out_dir) / "results.json").read_text())
 

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,19 @@ def test_bad_label_is_dropped_and_counted_corrupt_jpeg_is_a_clear_error(demo_sha
         list(loader(corrupt, batch_size=len(samples)).batches(1))
     message = str(e.value)
     assert str(tmp_path) in message and "--verify" in message and "default loader" in message
+
+
+def test_a_truncated_shard_is_refused_at_start_naming_it(demo_shards, tmp_path):
+    """DALI reads every tar's members when the pipeline is built: a cut shard stops the run before any
+    step, and the error names the shard (DALI's own message does not)."""
+    src = data.load_split(demo_shards, "train")
+    whole, cut = tmp_path / "whole-0000.tar", tmp_path / "cut-0001.tar"
+    whole.write_bytes(Path(src.urls[0]).read_bytes())
+    cut.write_bytes(Path(src.urls[1]).read_bytes()[:30_000])
+    assert dali_loader.broken_tar(str(whole)) is None and dali_loader.broken_tar(str(cut))
+    shards = data.ShardSet("train", [str(whole), str(cut)], src.lengths[:2], 10)
+    with pytest.raises(data.DataError, match=f"{cut}: truncated"):
+        loader(shards)
 
 
 @pytest.mark.slow

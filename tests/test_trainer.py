@@ -8,7 +8,8 @@ import subprocess
 import time
 
 import pytest
-from conftest import BIN, REPO, TINY, info, launch, results, run_env, wandb_history, wandb_records, wandb_summary
+from conftest import (BIN, REPO, TINY, info, launch, launch_machines, results, run_env, wandb_history, wandb_records,
+                      wandb_summary)
 
 from vitbench import checkpoint
 from vitbench import metrics as M
@@ -163,17 +164,8 @@ def test_killed_run_resumes_from_newest_complete_checkpoint(demo_shards, tmp_pat
 
 def test_two_machines_in_miniature(demo_shards, tmp_path):
     """2 machines x 1 process: two `accelerate launch` commands, machine_rank 0 and 1, main on 127.0.0.1."""
-    from vitbench.runinfo import free_port
-
-    out, port = tmp_path / "run", str(free_port())
-    procs = [subprocess.Popen(
-        [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
-         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-         "--main_process_port", port, str(REPO / "train_vit.py"),
-         *common(demo_shards, out, "--max-steps", "3", "--wandb", "off", "--run-name", "mini2x1")],
-        cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    out = tmp_path / "run"
+    launch_machines(common(demo_shards, out, "--max-steps", "3", "--wandb", "off", "--run-name", "mini2x1"))
     r = results(out)
     assert (r["nnodes"], r["nproc_per_node"], r["world_size"]) == (2, 1, 2)
     assert r["global_step"] == 3 and len(set(r["replica_checksums"])) == 1

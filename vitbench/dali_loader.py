@@ -71,6 +71,24 @@ def write_index(tar_path: str | Path) -> Path:
     return out
 
 
+def broken_tar(path: str) -> str | None:
+    """Why PATH is not a whole tar, from its headers alone: each member's data must lie inside the file, and
+    the end-of-archive blocks must follow the last member (tarfile itself stops quietly at a cut header)."""
+    import tarfile
+
+    try:
+        size = Path(path).stat().st_size
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.offset_data + member.size > size:
+                    return f"truncated inside member {member.name!r}"
+            if tar.offset + 2 * tarfile.BLOCKSIZE > size:
+                return f"truncated after byte {tar.offset} (no end-of-archive blocks)"
+    except (OSError, tarfile.TarError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def index_paths(shards: ShardSet) -> list[str] | None:
     paths = [u + INDEX_SUFFIX for u in shards.urls]
     return paths if all(Path(p).is_file() for p in paths) else None
@@ -120,14 +138,17 @@ class DaliTrainLoader:
             device_id=device.index if self.gpu else None, seed=seed + 7919 * rank, prefetch_queue_depth=2)
         try:
             pipe.build()
-        except RuntimeError as e:
-            raise DataError(self._message("cannot open the train shards", e)) from None
+        except RuntimeError as e:  # DALI does not say which tar: find it (headers only, a failure path)
+            broken = next(((url, why) for url in shards.urls if (why := broken_tar(url))), None)
+            where = f"{broken[0]}: {broken[1]}" if broken else None
+            raise DataError(self._message("cannot open the train shards", e, where)) from None
         self.pipe = pipe
 
-    def _message(self, what: str, e: Exception) -> str:
-        detail = " ".join(str(e).split())[:400]
-        where = str(Path(self.shards.urls[0]).parent)
-        return (f"DALI {what} under {where} ({detail}); DALI cannot skip such samples: find them with "
+    def _message(self, what: str, e: Exception, where: str | None = None) -> str:
+        text = " ".join(str(e).split())
+        detail = text.split("encountered:", 1)[-1].split("C++ context:", 1)[0].strip()[:300]  # DALI's own words
+        where = where or f"a shard under {Path(self.shards.urls[0]).parent}"
+        return (f"DALI {what}: {where} ({detail}); DALI cannot skip such samples: find them with "
                 "`shards/prep_shards.py --verify`, or train with the default loader (it skips and counts them)")
 
     def _to_torch(self, tensor_list) -> torch.Tensor:

@@ -59,19 +59,31 @@ def partly_evaluated(r: dict) -> bool:
 
 def table_row(r: dict, lang: str = "zh") -> list:
     acc = _num(r.get("final_acc1"), 3) + ("*" if partly_evaluated(r) else "")
-    return [config_label(r, lang), r["precision"], fix_hp_text(r.get("fix_hp", {})), _num(r.get("e2e_time")),
+    label = config_label(r, lang) + (f" ZeRO-{r['zero_stage']}" if r.get("zero_stage") is not None else "")
+    return [label, r["precision"], fix_hp_text(r.get("fix_hp", {})), _num(r.get("e2e_time")),
             _num(r.get("p_whole")), _num(r.get("p_train")), _num(r.get("p_core")), acc, r.get("mem") or "/"]
 
 
-def _workload(r: dict) -> tuple:
+def describe(r: dict) -> dict:
+    """What defines a run's work, field by field: runs are compared only where these match, but for what the
+    comparison varies (the layout for scaling; precision and ZeRO stage for the precision x ZeRO matrix)."""
     cfg = r.get("config", {})
-    return (device_short_name(r.get("environment", {})), r["precision"], cfg.get("model"), cfg.get("img_size"),
-            cfg.get("batch_size"))
+    return {"device": device_short_name(r.get("environment", {})), "model": cfg.get("model"),
+            "img_size": cfg.get("img_size"), "patch_size": cfg.get("patch_size"),
+            "model_kwargs": json.dumps(cfg.get("model_kwargs") or {}, sort_keys=True),
+            "batch_size": cfg.get("batch_size"), "global_batch_size": r.get("global_batch_size"),
+            "loader": r.get("loader", "wds"), "compile": bool(cfg.get("compile")),
+            "precision": r.get("precision"), "zero_stage": r.get("zero_stage"),
+            "layout": f"{r['nnodes']}x{r['nproc_per_node']}"}
+
+
+def _workload(r: dict) -> tuple:
+    return tuple(v for k, v in describe(r).items() if k != "layout")
 
 
 def scaling_efficiency(results: list[dict]) -> list[str]:
-    """p_train per device against the 1x1 row of the same device, precision, model, image size and
-    micro-batch, where there is one."""
+    """p_train per device against the 1x1 row of the same work (everything in `describe` but the layout),
+    where there is one."""
     base = {}
     for r in results:
         if r["world_size"] == 1 and r.get("p_train"):

@@ -12,25 +12,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 
 from vitbench import metrics as M
-from vitbench.reporting import config_label, device_short_name, markdown_table, plots
+from vitbench.reporting import config_label, describe, markdown_table, plots
 from vitbench.tracking import METRICS_FILE
 
 PRECISION_ORDER = ["fp32", "tf32", "amp", "fp16", "bf16"]
-
-
-def describe(r: dict) -> dict:
-    """What defines a run's work, field by field."""
-    cfg = r.get("config", {})
-    return {"device": device_short_name(r.get("environment", {})), "model": cfg.get("model"),
-            "img_size": cfg.get("img_size"), "patch_size": cfg.get("patch_size"),
-            "model_kwargs": json.dumps(cfg.get("model_kwargs") or {}, sort_keys=True),
-            "batch_size": cfg.get("batch_size"), "global_batch_size": r.get("global_batch_size"),
-            "loader": r.get("loader", "wds"), "compile": bool(cfg.get("compile")),
-            "precision": r.get("precision"), "zero_stage": r.get("zero_stage"),
-            "layout": f"{r['nnodes']}x{r['nproc_per_node']}"}
 
 
 def _groups(results: list[dict], varied: set[str]) -> tuple[list[list[dict]], list[str]]:
@@ -114,7 +103,7 @@ def scaling_plot(group: list[dict], path: Path) -> Path:
     ax.set_xlabel("devices")
     ax.set_ylabel("images / s")
     ax.set_xticks(devices)
-    ax.set_title(f"Scaling: {_group_title(group, {'layout'})}", fontsize=9)
+    ax.set_title(textwrap.fill(f"Scaling: {_group_title(group, {'layout'})}", 80), fontsize=8)
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -138,10 +127,15 @@ def matrix_cells(group: list[dict]) -> tuple[list[str], list[int], dict]:
     return precisions, stages, cells
 
 
+def _shown_metrics(cells: dict) -> list[tuple]:
+    """The matrix metrics some run has (MFU needs a known peak: none on CPUs without --peak-tflops)."""
+    return [m for m in MATRIX_METRICS if any(c.get(m[0]) is not None for c in cells.values())]
+
+
 def matrix_markdown(group: list[dict]) -> str:
     precisions, stages, cells = matrix_cells(group)
     out = []
-    for key, title, digits in MATRIX_METRICS:
+    for key, title, digits in _shown_metrics(cells):
         lines = [f"| {title} | " + " | ".join(f"ZeRO-{s}" for s in stages) + " |", "|" + " --- |" * (len(stages) + 1)]
         for p in precisions:
             lines.append(f"| {p} | " + " | ".join(_num(cells.get((p, s), {}).get(key), digits) for s in stages) + " |")
@@ -152,8 +146,9 @@ def matrix_markdown(group: list[dict]) -> str:
 def matrix_plot(group: list[dict], path: Path) -> Path:
     plt = _pyplot()
     precisions, stages, cells = matrix_cells(group)
-    fig, axes = plt.subplots(1, len(MATRIX_METRICS), figsize=(3.2 * len(MATRIX_METRICS), 1.2 + 0.6 * len(precisions)))
-    for ax, (key, title, digits) in zip(axes, MATRIX_METRICS):
+    shown = _shown_metrics(cells)
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 1.4 + 0.6 * len(precisions)), squeeze=False)
+    for ax, (key, title, digits) in zip(axes[0], shown):
         grid = [[cells.get((p, s), {}).get(key) for s in stages] for p in precisions]
         values = [[math.nan if v is None else v for v in row] for row in grid]
         ax.imshow(values, cmap="viridis_r" if key == "peak_memory" else "viridis", aspect="auto")
@@ -163,8 +158,9 @@ def matrix_plot(group: list[dict], path: Path) -> Path:
                         bbox={"facecolor": "black", "alpha": 0.35, "lw": 0, "pad": 1})
         ax.set_xticks(range(len(stages)), [f"ZeRO-{s}" for s in stages], fontsize=8)
         ax.set_yticks(range(len(precisions)), precisions, fontsize=8)
-        ax.set_title(title, fontsize=9)
-    fig.suptitle(f"Precision x ZeRO: {_group_title(group, {'precision', 'zero_stage'})}", fontsize=9)
+        ax.set_title(f"{title}, {'lower' if key == 'peak_memory' else 'higher'} is brighter", fontsize=8)
+    fig.suptitle(textwrap.fill(f"Precision x ZeRO: {_group_title(group, {'precision', 'zero_stage'})}", 120),
+                 fontsize=8)
     return _save(fig, path)
 
 
@@ -194,9 +190,12 @@ def timeline_plot(r: dict, rows: list[dict], path: Path) -> Path:
                 ax.axvline(row["step"], color="tab:green", ls="--", lw=1)
             elif row["kind"] == "checkpoint":
                 ax.axvline(row["step"], color="tab:gray", ls=":", lw=1)
-    axes[0].set_title(f"{r['run_name']}: per-step timeline (green dashed: evaluation, grey dotted: checkpoint)",
+    axes[0].set_title(f"{r['run_name']}: per-step timeline\n(green dashed: evaluation, grey dotted: checkpoint)",
                       fontsize=8)
     axes[-1].set_xlabel("optimizer step")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 
@@ -221,7 +220,8 @@ def write_report(results: list[dict], run_dirs: list[Path], out: Path) -> Path:
     for i, group in enumerate(groups, 1):
         name = "matrix.png" if len(groups) == 1 else f"matrix_{i}.png"
         parts += [f"**{_group_title(group, {'precision', 'zero_stage'})}**", "", matrix_markdown(group),
-                  "Peak memory: the allocator's peak on GPUs, the largest rank's peak RSS on CPUs.", "",
+                  "Peak memory: the allocator's peak on GPUs, the largest rank's peak RSS on CPUs. MFU is shown "
+                  "where the device's peak is known (GPUs in the peak table, or `--peak-tflops`).", "",
                   f"![precision x ZeRO]({matrix_plot(group, out / name).name})", ""]
     parts += _notes(notes, "No runs that differ only in precision or ZeRO stage." if not groups else None)
     parts += ["## Step timelines", ""]

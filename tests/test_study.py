@@ -1,0 +1,125 @@
+"""`report.py --out`: the study report from real short runs (1 and 2 processes, fp32 and a 16-bit precision,
+ZeRO 1 and 2), its numbers checked against the runs' own results.json and metrics.jsonl."""
+
+import json
+import re
+import subprocess
+
+import pytest
+from conftest import BIN, REPO, TINY, launch, launch_machines, results
+
+from vitbench import metrics as M
+from vitbench import study
+from vitbench.tracking import METRICS_FILE
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def sixteen_bit() -> str:
+    """bf16 where DeepSpeed's accelerator reports it, else amp: the test asks the machine."""
+    from deepspeed.accelerator import get_accelerator
+
+    return "bf16" if get_accelerator().is_bf16_supported() else "amp"
+
+
+@pytest.fixture(scope="module")
+def runs(demo_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    # name: (machines, processes per machine, precision, ZeRO stage)
+    layouts = {"a_1p_fp32_z1": (1, 1, "fp32", 1), "b_2p_fp32_z1": (1, 2, "fp32", 1),
+               "c_2p_fp32_z2": (1, 2, "fp32", 2), "d_2p_16bit_z1": (1, 2, sixteen_bit(), 1),
+               "e_2m_fp32_z1": (2, 1, "fp32", 1)}
+    dirs = {}
+    for name, (machines, processes, prec, stage) in layouts.items():
+        dirs[name] = root / name
+        args = [*TINY[:TINY.index("--precision")], *TINY[TINY.index("--precision") + 2:], "--precision", prec,
+                "--data-dir", str(demo_shards), "--output-dir", str(dirs[name]), "--run-name", name,
+                "--batch-size", "8", "--global-batch-size", "16", "--zero-stage", str(stage), "--max-steps",
+                str(STEPS), "--log-interval", "1", "--checkpoint-every", "2", "--wandb", "off", "--mixup", "0",
+                "--cutmix", "0"]
+        launch_machines(args, machines=machines) if machines > 1 else launch(args, processes=processes)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    proc = subprocess.run([str(BIN / "python"), str(REPO / "report.py"), *map(str, runs.values()), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": str(BIN)})
+    assert proc.returncode == 0, proc.stderr
+    return out, (out / "report.md").read_text()
+
+
+def assert_picture(path):
+    """A PNG that holds a drawing: the right signature, some size, and more than a few colours."""
+    from matplotlib.image import imread
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 15_000, path
+    pixels = imread(path)[..., :3].reshape(-1, 3)
+    assert len({tuple(p) for p in pixels[::7]}) > 50, f"{path} looks blank"
+
+
+def section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_metrics_jsonl_has_a_row_per_step_and_marks_evaluations_and_checkpoints(runs):
+    for name, run_dir in runs.items():
+        rows = study.read_metrics(run_dir)
+        r = results(run_dir)
+        assert [row["step"] for row in rows if row["kind"] == "train"] == list(range(1, STEPS + 1))
+        assert [row["step"] for row in rows if row["kind"] == "checkpoint"] == [2, STEPS]
+        assert [(row["step"], row[M.ACC1]) for row in rows if row["kind"] == "eval"] == \
+            [(e["step"], e["acc1"]) for e in r["evals"]]
+        assert (run_dir / METRICS_FILE).read_text().endswith("\n")
+
+
+def test_scaling_compares_only_layouts_of_one_configuration(runs, report):
+    out, text = report
+    a, b, e = (results(runs[k]) for k in ("a_1p_fp32_z1", "b_2p_fp32_z1", "e_2m_fp32_z1"))
+    scaling = section(text, "Scaling")
+    rows = [line for line in scaling.splitlines() if re.match(r"\| \dx\d \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1x1", "1x2", "2x1"]
+    two = [c.strip() for c in rows[1].split("|")[1:-1]]
+    assert two[2] == f"{b['p_train']:.1f}" and two[3] == f"{b['p_core']:.1f}"
+    assert two[4] == f"{100 * b['p_train'] / (2 * a['p_train']):.1f}%"
+    assert two[5] == f"{100 * b['p_core'] / (2 * a['p_core']):.1f}%"
+    assert two[6:] == ["/", "/"]  # one node: no multi-node efficiency
+    nodes = [c.strip() for c in rows[2].split("|")[1:-1]]  # 2 machines x 1 against 1 machine x 1 (FlagPerf's
+    assert nodes[6] == f"{100 * e['p_train'] / (2 * a['p_train']):.1f}%"  # 2x8 vs 1x8 in miniature)
+    assert nodes[7] == f"{100 * e['p_core'] / (2 * a['p_core']):.1f}%"
+    # ZeRO-2 and the 16-bit run have no other layout: footnoted with what their nearest candidate differs in
+    assert re.search(r"1x2\) fp32 ZeRO-2: not compared; .*also differs in zero_stage", scaling)
+    assert re.search(rf"1x2\) {sixteen_bit()} ZeRO-1: not compared; .*also differs in precision", scaling)
+    assert_picture(out / "scaling.png")
+
+
+def test_precision_by_zero_matrix_holds_the_runs_figures(runs, report):
+    out, text = report
+    matrix = section(text, "Precision x ZeRO")
+    b, c, d = (results(runs[k]) for k in ("b_2p_fp32_z1", "c_2p_fp32_z2", "d_2p_16bit_z1"))
+    p_core = matrix.split("| p_core (img/s) |", 1)[1].split("\n\n", 1)[0]
+    assert f"| fp32 | {b['p_core']:.1f} | {c['p_core']:.1f} |" in p_core
+    assert f"| {d['precision']} | {d['p_core']:.1f} | / |" in p_core
+    memory = matrix.split("| peak memory (GiB) |", 1)[1].split("\n\n", 1)[0]
+    assert f"| fp32 | {b['mem_used_gib']:.2f} | {c['mem_used_gib']:.2f} |" in memory
+    assert "1x1) fp32 ZeRO-1: not compared; the nearest run of another precision / zero_stage also differs in " \
+           "layout" in matrix
+    assert_picture(out / "matrix.png")
+
+
+def test_report_has_the_table_the_timelines_and_each_runs_environment(runs, report):
+    out, text = report
+    for name, run_dir in runs.items():
+        r = results(run_dir)
+        assert f"| {r['p_whole']:.0f} | {r['p_train']:.0f} | {r['p_core']:.0f} |" in section(text, "The six figures")
+        assert f"![steps of {name}](steps_{name}.png)" in text
+        assert_picture(out / f"steps_{name}.png")
+        env = r["environment"]
+        assert f"| {name} | {env['device_name']} | / | {env['torch']} | {env['deepspeed']} | {env['git_commit']} |" \
+            in section(text, "Environment")
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (out / image).is_file(), image
+    assert json.loads((runs["a_1p_fp32_z1"] / "results.json").read_text())["run_name"] == "a_1p_fp32_z1"
