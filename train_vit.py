@@ -220,9 +220,6 @@ def check_inputs(args, lay: dict):
     if args.loader == "dali":
         if importlib.util.find_spec("nvidia.dali") is None:
             fail("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda130; `make setup` installs it)")
-        if args.batch_size % args.aug_repeats:
-            fail(f"--loader dali needs --batch-size ({args.batch_size}) divisible by --aug-repeats "
-                 f"({args.aug_repeats})")
         if args.aa and not args.aa.startswith("rand"):
             fail(f"--loader dali supports RandAugment policies ('rand-m9-mstd0.5'), not --aa '{args.aa}'")
     if args.resume == "auto" and not (args.output_dir or args.run_name):

@@ -28,6 +28,10 @@ def test_batches_are_the_default_loaders_uint8_and_repeat_each_image_augmented_a
     assert keys[:2] == keys[2:4] == keys[4:] and keys[0] != keys[1]  # 2 images x 3 copies
     assert batch["labels"][:2].tolist() == batch["labels"][2:4].tolist()
     assert not torch.equal(batch["images"][0], batch["images"][2]), "copies are augmented independently"
+    # a batch that is not a multiple of the repeats (the recipe's 256 with x3): 3 images x 3 copies, cut to 8
+    odd = next(loader(train, batch_size=8, repeats=3).batches(1))
+    assert odd["images"].shape[0] == len(odd["labels"]) == len(odd["keys"]) == 8
+    assert odd["keys"][:3] == odd["keys"][3:6] and odd["keys"][6:] == odd["keys"][:2]
     # the key is the sample's own: the demo writes each class's name into its key
     labels_of = {s["__key__"]: int(s["cls"]) for url in train.urls
                  for s in wds.tariterators.tarfile_samples([{"url": url}])}
@@ -101,10 +105,10 @@ def test_a_truncated_shard_is_refused_at_start_naming_it(demo_shards, tmp_path):
 @pytest.mark.slow
 def test_trainer_with_dali_trains_and_evaluates_every_sample(demo_shards, tmp_path):
     out = tmp_path / "run"
-    launch([*TINY, "--data-dir", str(demo_shards), "--output-dir", str(out), "--batch-size", "6",
-            "--global-batch-size", "12", "--aug-repeats", "3", "--max-steps", "4", "--log-interval", "2",
+    launch([*TINY, "--data-dir", str(demo_shards), "--output-dir", str(out), "--batch-size", "8",
+            "--global-batch-size", "16", "--aug-repeats", "3", "--max-steps", "4", "--log-interval", "2",
             "--wandb", "off", "--loader", "dali"], processes=1)
     r = results(out)
     assert r["loader"] == "dali" and r["epoch_sampling"] == dali_loader.EPOCH_SAMPLING
-    assert r["global_step"] == 4 and r["train_samples"] == 4 * 12
+    assert r["global_step"] == 4 and r["train_samples"] == 4 * 16
     assert r["eval_samples"] == info(demo_shards)["splits"]["validation"]["num_samples"]

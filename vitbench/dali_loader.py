@@ -128,13 +128,11 @@ class DaliTrainLoader:
         # DALI's own RandAugment calls operators it has since renamed: one warning per op, not ours to fix.
         warnings.filterwarnings("ignore", message=r"WARNING: `nvidia\.dali\.fn\.experimental\.",
                                 category=DeprecationWarning)
-        if batch_size % repeats:
-            raise DataError(f"--loader dali needs --batch-size ({batch_size}) divisible by --aug-repeats ({repeats})")
-        self.shards, self.device, self.repeats = shards, device, repeats
+        self.shards, self.device, self.repeats, self.batch_size = shards, device, repeats, batch_size
         self.gpu = device.type == "cuda"
         pipe = pipeline_def(_graph, enable_conditionals=True)(
             shards, img_size, rand_augment_args(auto_augment), repeats, rank, world_size, self.gpu,
-            batch_size=batch_size // repeats, num_threads=max(1, threads),
+            batch_size=-(-batch_size // repeats), num_threads=max(1, threads),  # R copies of each, cut to size
             device_id=device.index if self.gpu else None, seed=seed + 7919 * rank, prefetch_queue_depth=2)
         try:
             pipe.build()
@@ -181,4 +179,5 @@ class DaliTrainLoader:
             if not keep.all():  # a bad label: the sample is dropped here and counted, as by the default reader
                 x, y = x[keep.to(x.device)], y[keep]
                 names = [name for name, good in zip(names, keep.tolist()) if good]
-            yield {"images": x, "labels": y, "keys": names, "skipped": ok.count(False)}
+            n = self.batch_size  # batch not a multiple of R: the last images lose their last copies
+            yield {"images": x[:n], "labels": y[:n], "keys": names[:n], "skipped": ok.count(False)}
