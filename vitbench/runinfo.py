@@ -73,9 +73,32 @@ def environment(device, repo: Path) -> dict:
             "driver": _nvidia_driver(),
         })
     else:
-        env.update({"device_name": platform.processor() or platform.machine(), "device_count": 1,
-                    "cpu_count": os.cpu_count()})
+        env.update({"device_name": cpu_model() or platform.processor() or platform.machine(), "device_count": 1,
+                    "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags()})
     return env
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's marketing name (Linux), e.g. 'AMD EPYC 9554 64-Core Processor'."""
+    return _cpuinfo_field("model name")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide CPU bf16/fp16 speed (machines of one kind differ in them)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return [f for f in wanted if f in flags]
 
 
 def _nvidia_driver() -> str | None:
