@@ -220,11 +220,11 @@ def check_inputs(args, lay: dict):
     if args.loader == "dali":
         if importlib.util.find_spec("nvidia.dali") is None:
             fail("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda130; `make setup` installs it)")
-        if args.aa and not args.aa.startswith("rand"):
-            fail(f"--loader dali supports RandAugment policies ('rand-m9-mstd0.5'), not --aa '{args.aa}'")
     if args.resume == "auto" and not (args.output_dir or args.run_name):
         fail("--resume auto needs the run's --output-dir (or --run-name): default run names carry a timestamp")
     try:
+        if args.loader == "dali":
+            dali_loader.rand_augment_args(args.aa or None)  # only RandAugment policies map onto DALI's
         train_shards = data.load_split(args.data_dir, "train")
         val_shards = data.load_split(args.data_dir, "validation")
         precision.check_supported(args.precision)

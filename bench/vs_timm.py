@@ -2,7 +2,7 @@
 """train_vit.py against timm's own train.py on the same work: same shards, model, image size, batch, loader
 workers, augmentation, optimizer, schedule and precision; the two run alternately, several rounds.
 
-    python bench/vs_timm.py --timm PATH_TO_TIMM_CHECKOUT [--rounds 3] [--device cpu|cuda]
+    python bench/vs_timm.py --timm PATH_TO_TIMM_CHECKOUT [--rounds 5] [--device cpu|cuda]
 
 Nothing is fetched at run time: PATH is a checkout of huggingface/pytorch-image-models; its train.py runs
 with that checkout first on PYTHONPATH (the library it was written for). The figure compared is each
@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TIMM_EPOCH_RATE = re.compile(r"Train: (\d+) \[\s*(\d+)/(\d+) .*\(([\d.]+)s,\s*([\d.]+)/s\)")
+WARMUP = 6  # updates left out of the steady figures on both sides (timm logs update 5, the 6th)
 
 
 def parse_args():
@@ -55,12 +56,11 @@ def parse_args():
 
 
 def demo_shards() -> Path:
+    """bench/loader.py's draw (the same call, so the two benchmarks share one build); validation is outside
+    both figures compared, so one image per class is enough there."""
     from vitbench import demo
 
-    out = REPO / "bench" / "out" / "demo-300"
-    if not (out / "_info.json").is_file():
-        demo.build(out, train_per_class=300, val_per_class=20, progress=False)
-    return out
+    return demo.build(REPO / "bench" / "out" / "demo-300", train_per_class=300, val_per_class=1, progress=False)
 
 
 def shared_recipe(a) -> dict:
@@ -107,9 +107,6 @@ def run(cmd, env, log: Path) -> str:
     if proc.returncode:
         sys.exit(f"{' '.join(cmd[:2])} failed with status {proc.returncode}; see {log}\n{text[-2000:]}")
     return text
-
-
-WARMUP = 6  # updates left out of the steady figures on both sides (timm logs update 5, the 6th)
 
 
 def timm_rates(text: str, batch: int) -> tuple[float, float]:

@@ -78,7 +78,8 @@ def test_bad_label_is_dropped_and_counted_corrupt_jpeg_is_a_clear_error(demo_sha
         return data.ShardSet("train", [str(path)], [len(samples)], 10)
 
     bad_label = shard("label-0000.tar", lambda i, s: {**s, "cls": b"99"} if i == 2 else s)
-    batches = list(loader(bad_label, batch_size=len(samples)).batches(1))
+    with pytest.warns(UserWarning, match=f"skipping sample {samples[2]['__key__']} of {tmp_path}/label-0000.tar"):
+        batches = list(loader(bad_label, batch_size=len(samples)).batches(1))
     assert batches[0]["skipped"] == 1 and len(batches[0]["labels"]) == len(samples) - 1
     assert samples[2]["__key__"] not in batches[0]["keys"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitbench.data import DataError, ShardSet
+from vitbench.data import DataError, ShardSet, parse_label
 
 INDEX_SUFFIX = ".idx"
 EPOCH_SAMPLING = "dali-sharded"  # results.json: DALI's reader splits the samples over ranks, each once per epoch
@@ -163,15 +163,19 @@ class DaliTrainLoader:
                 *images, labels, keys = self.pipe.run()
             except RuntimeError as e:
                 raise DataError(self._message("could not read or decode a train sample", e)) from None
-            ok, values = [], []
+            ok, values, names = [], [], []
             for i in range(len(labels)):
-                text = bytes(np.asarray(labels.at(i))).decode("ascii", "replace").strip()
-                good = text.isdigit() and int(text) < self.shards.num_classes
-                ok.append(good)
-                values.append(int(text) if good else 0)
-            # source_info is "<tar>:<offset>:<member>"; the key is the member's name without its extension
-            names = [bytes(np.asarray(keys.at(i))).decode("utf-8", "replace").rsplit(":", 1)[-1].rsplit(".", 1)[0]
-                     for i in range(len(keys))]
+                # source_info is "<tar>:<offset>:<member>"; the key is the member's name without its extension
+                source = bytes(np.asarray(keys.at(i))).decode("utf-8", "replace")
+                tar, _offset, member = source.rsplit(":", 2)
+                names.append(member.rsplit(".", 1)[0])
+                try:
+                    values.append(parse_label(bytes(np.asarray(labels.at(i))), self.shards.num_classes))
+                    ok.append(True)
+                except ValueError as e:  # dropped below and counted, with the default reader's warning
+                    warnings.warn(f"skipping sample {names[-1]} of {tar}: {e}", stacklevel=2)
+                    values.append(0)
+                    ok.append(False)
             x = torch.cat([self._to_torch(t) for t in images])  # copy r of every sample after copy r-1
             y = torch.tensor(values * self.repeats)
             keep = torch.tensor(ok * self.repeats)

@@ -202,8 +202,9 @@ def tar_samples(path: str, log: _SkipLog, count_read_errors: bool = True):
         yield sample
 
 
-def _label(sample: dict, num_classes: int) -> int:
-    text = sample["cls"].decode("ascii").strip()
+def parse_label(raw: bytes, num_classes: int) -> int:
+    """A sample's `.cls` bytes -> its class index; ValueError for anything else (both loaders drop those)."""
+    text = raw.decode("ascii").strip()
     if not text.isdigit() or int(text) >= num_classes:
         raise ValueError(f"label {text[:20]!r} is not a class index in [0, {num_classes})")
     return int(text)
@@ -216,7 +217,7 @@ def _transformed(samples, transform, repeats: int, log: _SkipLog, num_classes: i
 
     for sample in samples:
         try:
-            label = _label(sample, num_classes)
+            label = parse_label(sample["cls"], num_classes)
             img = Image.open(io.BytesIO(sample["jpg"]))
             if img.mode == "RGB":  # most JPEGs: decode in place, without convert()'s full copy (~2% per image)
                 img.load()
@@ -332,7 +333,7 @@ def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int,
     such as "/data/imagenet1k-train-{0000..1023}.tar".
 
     With at least ranks x workers x repeats shards (`epoch_sampling` PERMUTED) an epoch reads every
-    shard of its part of a seeded permutation once (_EpochShards); with fewer, each rank and worker
+    shard of its part of a seeded permutation once (_EpochSamples); with fewer, each rank and worker
     resamples shards with replacement (RESAMPLED), so none ever runs dry. A launch resumed inside an
     epoch (`resume_step` > 0) starts that epoch's shards again with other augmentation seeds."""
     log = _SkipLog()

@@ -25,26 +25,26 @@ PRECISION_ORDER = ["fp32", "tf32", "amp", "fp16", "bf16"]
 def _groups(results: list[dict], varied: set[str]) -> tuple[list[list[dict]], list[str]]:
     """Runs grouped by everything but VARIED (groups of 2+ distinct VARIED values), and footnotes for the
     runs left out."""
+    described = [(r, describe(r)) for r in results]
+    fixed = [(r, {k: v for k, v in d.items() if k not in varied}, tuple(d[k] for k in sorted(varied)))
+             for r, d in described]
     keyed = {}
-    for r in results:
-        d = describe(r)
-        keyed.setdefault(tuple(v for k, v in d.items() if k not in varied), []).append(r)
+    for r, rest, kind in fixed:
+        keyed.setdefault(tuple(rest.values()), []).append((r, rest, kind))
+    what = " / ".join(sorted(varied))
     groups, notes = [], []
     for members in keyed.values():
-        distinct = {tuple(describe(r)[k] for k in sorted(varied)) for r in members}
-        if len(distinct) > 1:
-            groups.append(members)
+        if len({kind for _, _, kind in members}) > 1:
+            groups.append([r for r, _, _ in members])
             continue
-        for r in members:
-            others = [o for o in results if o is not r and
-                      tuple(describe(o)[k] for k in sorted(varied)) != tuple(describe(r)[k] for k in sorted(varied))]
+        for r, rest, kind in members:
+            others = [o_rest for _, o_rest, o_kind in fixed if o_kind != kind]
             if not others:
-                notes.append(f"{run_label(r)}: no run of another {' / '.join(sorted(varied))} to compare with")
+                notes.append(f"{run_label(r)}: no run of another {what} to compare with")
                 continue
-            diffs = min(([k for k, v in describe(o).items() if k not in varied and v != describe(r)[k]]
-                         for o in others), key=len)
-            notes.append(f"{run_label(r)}: not compared; the nearest run of another {' / '.join(sorted(varied))} "
-                         f"also differs in {', '.join(diffs)}")
+            diffs = min(([k for k, v in o_rest.items() if v != rest[k]] for o_rest in others), key=len)
+            notes.append(f"{run_label(r)}: not compared; the nearest run of another {what} also differs in "
+                         f"{', '.join(diffs)}")
     return groups, notes
 
 
@@ -176,7 +176,7 @@ def timeline_plot(r: dict, rows: list[dict], path: Path) -> Path:
     """Throughput, data-wait share and memory against the step, evaluations and checkpoints marked."""
     plt = _pyplot()
     train = [row for row in rows if row["kind"] == "train"]
-    steps = [row["step"] for row in train]
+    steps = [row[M.STEP] for row in train]
     mem_key = M.MEM_MAX_RESERVED if any(M.MEM_MAX_RESERVED in row for row in train) else M.MEM_HOST_RSS
     panels = [(M.THROUGHPUT, "throughput (img/s)"), (M.DATA_WAIT_PCT, "data wait (% of step)"),
               (mem_key, "allocator peak, reserved (GiB)" if mem_key == M.MEM_MAX_RESERVED else "host RSS (GiB)")]
@@ -187,9 +187,9 @@ def timeline_plot(r: dict, rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         for row in rows:
             if row["kind"] == "eval":
-                ax.axvline(row["step"], color="tab:green", ls="--", lw=1)
+                ax.axvline(row[M.STEP], color="tab:green", ls="--", lw=1)
             elif row["kind"] == "checkpoint":
-                ax.axvline(row["step"], color="tab:gray", ls=":", lw=1)
+                ax.axvline(row[M.STEP], color="tab:gray", ls=":", lw=1)
     axes[0].set_title(f"{r['run_name']}: per-step timeline\n(green dashed: evaluation, grey dotted: checkpoint)",
                       fontsize=8)
     axes[-1].set_xlabel("optimizer step")

@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from vitbench.metrics import EVAL_PREFIX, TRAIN_PREFIX
+from vitbench.metrics import EPOCH, EVAL_PREFIX, STEP, TRAIN_PREFIX
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -92,18 +92,18 @@ class Tracker:
     def _write(self, kind: str, step: int, row: dict) -> None:
         if self.jsonl:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **clean}) + "\n")
+            self.jsonl.write(json.dumps({"kind": kind, STEP: step, "time": time.time(), **clean}) + "\n")
 
     def log_step(self, step: int, row: dict) -> None:
         self._write("train", step, row)
         if self.run:
-            self._guard("log", self.run.log, {f"{TRAIN_PREFIX}step": step,
+            self._guard("log", self.run.log, {f"{TRAIN_PREFIX}{STEP}": step,
                                               **{f"{TRAIN_PREFIX}{k}": v for k, v in row.items()}})
 
     def log_eval(self, epoch: int, step: int, row: dict) -> None:
-        self._write("eval", step, {"epoch": epoch, **row})
+        self._write("eval", step, {EPOCH: epoch, **row})
         if self.run:
-            self._guard("log", self.run.log, {f"{EVAL_PREFIX}epoch": epoch,
+            self._guard("log", self.run.log, {f"{EVAL_PREFIX}{EPOCH}": epoch,
                                               **{f"{EVAL_PREFIX}{k}": v for k, v in row.items()}})
 
     def log_event(self, kind: str, step: int) -> None:
