@@ -21,7 +21,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -282,7 +282,7 @@ def main(argv=None):
     run = setup(parse_args(argv))  # config -> data -> model -> accelerate/DeepSpeed -> profiler/tracking
     args, state, prof = run.args, run.state, run.prof
     prof.train_start()
-    with run.fatal_errors():
+    with run.fatal_errors(), closing(run):  # closing: the train loader's workers stop before the process exits
         with TraceWindow(args.profile_steps, state.step, run.out_dir, run.rank, prof.pause) as trace:
             while not run.over():
                 for micro_batches in run.epoch_batches():  # a step's batches: on the device, normalized, mixed
@@ -512,6 +512,7 @@ class Run:
     train_skipped: int = 0
     logits_dtype: torch.dtype | None = None
     loss_terms: int = 0
+    train_batches: object = None  # the default loader's batch iterator, made at the first step of the launch
 
     def __post_init__(self):
         device = self.accelerator.device
@@ -520,6 +521,13 @@ class Run:
         self.first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
         self.skipped_steps = self.engine.skipped_steps
         self.has_scaler = self.args.precision in ("amp", "fp16")  # without one, a skipped step is no excuse
+
+    def close(self) -> None:
+        """Stop the train loader's workers. They ignore SIGTERM (lifecycle.ignore_stop_signals), so the
+        terminate() that multiprocessing sends them at exit would leave the process waiting on them."""
+        batches, self.train_batches = self.train_batches, None
+        if batches is not None:
+            batches._shutdown_workers()  # what the DataLoader iterator does itself when it runs out
 
     def over(self) -> bool:
         return self.state.step >= self.total_steps or self.reached_target or self.interrupted
@@ -543,11 +551,15 @@ class Run:
         if self.dali:
             batches = self.dali.batches(steps * self.grad_accum)
         else:
-            batches = iter(data.train_loader(
-                self.train_shards, self.train_tf, args.batch_size, steps * self.grad_accum, rank=self.rank,
-                world_size=self.accelerator.num_processes, workers=args.workers, seed=args.seed, epoch=state.epoch,
-                resume_step=state.step_in_epoch, repeats=args.aug_repeats,
-                pin_memory=self.accelerator.device.type == "cuda"))
+            if self.train_batches is None:  # one loader per launch: its workers serve every epoch that follows
+                self.train_batches = iter(data.train_loader(
+                    self.train_shards, self.train_tf, args.batch_size,
+                    (self.steps_per_epoch - state.step_in_epoch) * self.grad_accum, rank=self.rank,
+                    world_size=self.accelerator.num_processes, workers=args.workers, seed=args.seed,
+                    epoch=state.epoch, resume_step=state.step_in_epoch, repeats=args.aug_repeats,
+                    steps_per_epoch=self.steps_per_epoch * self.grad_accum,
+                    pin_memory=self.accelerator.device.type == "cuda"))
+            batches = self.train_batches
         for _ in range(steps):
             self.prof.data_start()
             micro = []

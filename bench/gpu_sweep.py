@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """GPU sweep: ViT-B/16 for a bounded number of steps across precisions, ZeRO stages, torch.compile and loaders,
 one `python train_vit.py` process per configuration, then a table of p_core, p_train, MFU and memory
-read from each run's results.json. Sized for one GPU in under 10 minutes.
+read from each run's results.json. On an H200 a configuration took ~45 s (most of it process start-up),
+so the 7 eager rows take ~5 minutes; the two --compile rows add their compile time.
 
     python bench/gpu_sweep.py                 # on a GPU machine (demo shards at 224 px as input)
+    python bench/gpu_sweep.py --configs bf16_z1_wds,bf16_z1_dali --steps 80   # a subset, side by side
     python bench/gpu_sweep.py --cpu-smoke     # the same machinery on CPU with a tiny model
 
-Writes bench/out/gpu_sweep.md and bench/out/gpu_sweep.jsonl; prints the table last.
+Writes bench/out/gpu_sweep.md and bench/out/gpu_sweep.jsonl (a row as each run ends, so a sweep cut short
+keeps what it measured; --append adds to it); prints the table last.
 """
 import argparse
 import json
@@ -35,6 +38,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated config names to run (e.g. bf16_z1_wds,bf16_z1_dali); default: all")
+    p.add_argument("--append", action="store_true", help="add rows to gpu_sweep.jsonl instead of starting it anew")
     args = p.parse_args()
 
     from vitbench import demo
@@ -48,11 +54,18 @@ def main():
         configs, steps = GPU_CONFIGS, args.steps or 40
         model = ["--model", "vit_base_patch16_224", "--batch-size", str(args.batch_size), "--global-batch-size",
                  str(args.batch_size), "--workers", str(args.workers)]
+    names = {config_name(*c): c for c in configs}
+    if args.configs:
+        unknown = sorted(set(args.configs.split(",")) - set(names))
+        if unknown:
+            p.error(f"unknown --configs {unknown}; known: {', '.join(names)}")
+        configs = [names[n] for n in args.configs.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_sweep.jsonl").write_text("")
+    if not args.append:
+        (args.out / "gpu_sweep.jsonl").write_text("")
     rows = []
     for prec, stage, compile_, loader in configs:
-        name = f"{prec}_z{stage}{'_compile' if compile_ else ''}_{loader}"
+        name = config_name(prec, stage, compile_, loader)
         run_dir = args.out / "runs" / name
         cmd = [sys.executable, str(REPO / "train_vit.py"), *model, "--data-dir", str(shards), "--precision", prec,
                "--zero-stage", str(stage), "--max-steps", str(steps), "--log-interval", "10",
@@ -61,7 +74,8 @@ def main():
                *(["--compile"] if compile_ else [])]
         t = time.time()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
         row = {"config": name, "precision": prec, "zero_stage": stage, "compile": compile_, "loader": loader,
                "wall_s": round(time.time() - t, 1)}
         if proc.returncode == 0:
@@ -73,6 +87,8 @@ def main():
             row["p_train_over_p_core"] = r["p_train_steady"] / r["p_core_steady"] if r.get("p_core_steady") else None
         else:
             row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "stderr.log").write_text(proc.stderr)  # the whole story, for the failed row
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.out / "gpu_sweep.jsonl", "a") as f:
@@ -81,6 +97,10 @@ def main():
     (args.out / "gpu_sweep.md").write_text(table)
     print(table)
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def config_name(prec: str, stage: int, compile_: bool, loader: str) -> str:
+    return f"{prec}_z{stage}{'_compile' if compile_ else ''}_{loader}"
 
 
 def markdown(rows, steps) -> str:

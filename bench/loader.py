@@ -12,7 +12,8 @@ training transform (RandomResizedCrop + flip + RandAugment m9), batch size and n
 
 Rounds alternate the loaders so machine noise hits all of them alike; medians are reported.
 
-    python bench/loader.py [--img-size 224] [--workers 2] [--images 2048] [--rounds 3] [--no-dali]
+    python bench/loader.py [--img-size 224] [--workers 2] [--images 2048] [--rounds 3] [--no-dali] [--only ROWS]
+    python bench/loader.py --workers 12 --batch-size 64 --per-class 400     # a GPU machine's 12 workers
 
 The last line is JSON with the figures and ratios.
 """
@@ -31,8 +32,9 @@ import torch  # noqa: E402
 from vitbench import data, demo  # noqa: E402
 
 
-def rate(loader, images: int, skip_batches: int = 4) -> float:
-    """Steady-state images/s: worker start-up and buffer filling (the first batches) are not timed."""
+def rate(loader, images: int, skip_batches: int) -> float:
+    """Steady-state images/s: worker start-up and the batches the workers prefetched meanwhile (2 each) are
+    not timed; with 12 workers, skipping only 4 timed the drain of that buffer (2026-11-28, 8-80k img/s)."""
     it = iter(loader)
     for _ in range(skip_batches):
         next(it)
@@ -81,13 +83,16 @@ def main():
     p.add_argument("--per-class", type=int, default=300, help="demo train images per class (10 classes)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-dali", action="store_true", help="leave the DALI loaders out")
+    p.add_argument("--only", default=None, help="comma-separated rows to measure (imagefolder_float is always in: "
+                                                 "the ratios are to it)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
     shards_dir = demo.build(Path(__file__).resolve().parent / "out" / f"demo-{args.per_class}",
                             train_per_class=args.per_class, val_per_class=1, progress=False)
-    if args.per_class * len(demo.PHOTOS) < args.images + 5 * args.batch_size:
-        p.error("--per-class too small: ImageFolder's epoch must outlast the timed window")
+    skip = 2 * args.workers + 4  # DataLoader's prefetch (2 batches per worker) and a few more
+    if args.per_class * len(demo.PHOTOS) < args.images + (skip + 1) * args.batch_size:
+        p.error("--per-class too small: ImageFolder's epoch must outlast the skipped and the timed batches")
     train = data.load_split(shards_dir, "train")
     uint8_tf = data.train_transform(args.img_size, "rand-m9-mstd0.5")  # what train_vit.py's workers run
     from timm.data import create_transform
@@ -95,7 +100,7 @@ def main():
     # torchvision's reference pipeline: float32 normalized in the worker (what ours did before uint8)
     float_tf = create_transform(args.img_size, is_training=True, auto_augment="rand-m9-mstd0.5",
                                 interpolation="bilinear", re_prob=0.0, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
-    steps = args.images // args.batch_size + 6
+    steps = args.images // args.batch_size + skip + 2
 
     def ours(transform, repeats=1):
         return data.train_loader(train, transform, args.batch_size, steps, rank=0, world_size=1, workers=args.workers,
@@ -109,10 +114,10 @@ def main():
     files = sorted((shards_dir / "src" / "train").glob("*/*.JPEG"))
 
     loaders = {
-        "imagefolder_float": lambda: rate(tv, args.images),
-        "ours_float": lambda: rate(ours(float_tf), args.images),
-        "ours_uint8": lambda: rate(ours(uint8_tf), args.images),
-        "ours_uint8_ra3": lambda: rate(ours(uint8_tf, 3), args.images),
+        "imagefolder_float": lambda: rate(tv, args.images, skip),
+        "ours_float": lambda: rate(ours(float_tf), args.images, skip),
+        "ours_uint8": lambda: rate(ours(uint8_tf), args.images, skip),
+        "ours_uint8_ra3": lambda: rate(ours(uint8_tf, 3), args.images, skip),
         "single_core_uint8": lambda: single_core_rate(files, uint8_tf, args.images // 4),
     }
     if not args.no_dali:
@@ -122,6 +127,11 @@ def main():
         if torch.cuda.is_available():
             gpu = torch.device("cuda", 0)
             loaders["dali_gpu_ra"] = lambda: dali_rate(train, args, "rand-m9-mstd0.5", gpu, 4 * args.images)
+    if args.only:
+        keep = {"imagefolder_float", *args.only.split(",")}
+        if keep - set(loaders):
+            p.error(f"unknown --only rows {sorted(keep - set(loaders))}; known here: {', '.join(loaders)}")
+        loaders = {k: v for k, v in loaders.items() if k in keep}
     figures = {k: [] for k in loaders}
     for _ in range(args.rounds):  # rounds alternate the loaders so machine noise hits all alike
         for name, measure in loaders.items():
@@ -135,9 +145,10 @@ def main():
            **{f"{k}_img_s": round(v, 1) for k, v in med.items()},
            **{f"ratio_{k}_vs_imagefolder": round(v / med["imagefolder_float"], 3) for k, v in med.items()
               if k != "imagefolder_float"},
-           "cores_per_1000_img_s": round(1000 / med["single_core_uint8"], 2),
-           "ratio_ours_uint8_vs_workers_x_single_core":
-               round(med["ours_uint8"] / (args.workers * med["single_core_uint8"]), 3)}
+           **({"cores_per_1000_img_s": round(1000 / med["single_core_uint8"], 2),
+               "ratio_ours_uint8_vs_workers_x_single_core":
+                   round(med["ours_uint8"] / (args.workers * med["single_core_uint8"]), 3)}
+              if {"single_core_uint8", "ours_uint8"} <= set(med) else {})}
     print(json.dumps(out))
 
 

@@ -276,12 +276,42 @@ def test_an_epoch_reads_every_shard_once_when_there_are_enough(demo_shards):
     assert len(set(resampled)) / few.num_samples < len(set(permuted)) / train.num_samples
 
 
+def _stream_epochs(shards, epochs, steps, workers, repeats, batch_size=6):
+    """Keys of EPOCHS consecutive epochs of STEPS batches, all from one loader (as train_vit.py reads them),
+    and the loader's worker processes seen at the end of each epoch."""
+    import psutil
+
+    tf = data.train_transform(16, None)
+    it = iter(data.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=0, world_size=1,
+                                workers=workers, seed=0, epoch=0, repeats=repeats, steps_per_epoch=steps))
+    keys, workers_seen = [], []
+    for _ in range(epochs):
+        keys.append(_keys_of(next(it) for _ in range(steps)))
+        workers_seen.append({c.pid for c in psutil.Process().children()})
+    return keys, workers_seen
+
+
+def test_one_loader_serves_every_epoch_from_the_same_workers(demo_shards):
+    """The train stream outlives an epoch: the same two worker processes make three epochs (an odd
+    number of batches each, so the workers take turns starting an epoch), and each epoch is still a
+    fresh permutation that reads nearly every sample once."""
+    train = data.load_split(demo_shards, "train")
+    steps = train.num_samples // 8
+    assert steps % 2 == 1
+    epochs, workers_seen = _stream_epochs(train, 3, steps, workers=2, repeats=1, batch_size=8)
+    assert len(workers_seen[0]) == 2 and workers_seen[0] == workers_seen[1] == workers_seen[2]
+    for keys in epochs:
+        assert len(keys) == steps * 8 and len(set(keys)) / train.num_samples >= 0.9
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
 def test_repeated_augmentation_spreads_one_pass_over_as_many_epochs(demo_shards):
     """Repeats x3: each epoch reads a third of the shards (each image three times); three epochs together
-    read every shard once, like timm's RepeatAugSampler over its epochs."""
+    read every shard once, like timm's RepeatAugSampler over its epochs. The epochs come from one
+    loader, as in training."""
     train = data.load_split(demo_shards, "train")
     assert data.epoch_sampling(len(train.urls), 1, 2, 3) == data.PERMUTED
-    epochs = [_epoch_keys(train, e, world_size=1, workers=2, repeats=3) for e in range(3)]
+    epochs, _ = _stream_epochs(train, 3, train.num_samples // 6, workers=2, repeats=3)
     for keys in epochs:
         assert len(set(keys)) <= len(keys) / 3 + 7  # each decoded image yields three samples
     assert len(set().union(*epochs)) / train.num_samples >= 0.9
