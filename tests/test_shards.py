@@ -284,10 +284,12 @@ def _stream_epochs(shards, epochs, steps, workers, repeats, batch_size=6):
     tf = data.train_transform(16, None)
     it = iter(data.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=0, world_size=1,
                                 workers=workers, seed=0, epoch=0, repeats=repeats, steps_per_epoch=steps))
+    me = psutil.Process()
     keys, workers_seen = [], []
     for _ in range(epochs):
         keys.append(_keys_of(next(it) for _ in range(steps)))
-        workers_seen.append({c.pid for c in psutil.Process().children()})
+        # forked loader workers share this process's command line (other children, e.g. a W&B service, do not)
+        workers_seen.append({c.pid for c in me.children() if c.cmdline() == me.cmdline()})
     return keys, workers_seen
 
 
