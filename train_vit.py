@@ -526,8 +526,9 @@ class Run:
         """Stop the train loader's workers. They ignore SIGTERM (lifecycle.ignore_stop_signals), so the
         terminate() that multiprocessing sends them at exit would leave the process waiting on them."""
         batches, self.train_batches = self.train_batches, None
-        if batches is not None:
-            batches._shutdown_workers()  # what the DataLoader iterator does itself when it runs out
+        shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers (--workers 0)
+        if shutdown:
+            shutdown()  # what the DataLoader iterator does itself when it runs out
 
     def over(self) -> bool:
         return self.state.step >= self.total_steps or self.reached_target or self.interrupted

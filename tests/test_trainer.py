@@ -190,9 +190,11 @@ def test_bf16_runs_bf16_and_wandb_without_credentials_goes_offline(demo_shards, 
 
 def test_amp_runs_fp16_autocast_with_dynamic_loss_scaling(demo_shards, tmp_path):
     out = tmp_path / "run"
-    # --profile-steps 1:5 outlasts the run (2 steps): the trace of what ran is still written
+    # --profile-steps 1:5 outlasts the run (2 steps): the trace of what ran is still written.
+    # --workers 0: the train loader reads in the trainer's own process (nothing to stop at the end).
     launch(common(demo_shards, out, "--precision", "amp", "--max-steps", "2", "--log-interval", "1",
-                  "--model-kwargs", "depth=1", "--wandb", "offline", "--profile-steps", "1:5"), processes=1)
+                  "--model-kwargs", "depth=1", "--wandb", "offline", "--profile-steps", "1:5", "--workers", "0"),
+           processes=1)
     eff = results(out)["precision_in_effect"]
     assert eff["param_dtype"] == "torch.float32" and eff["autocast_dtype"] == "torch.float16"
     assert eff["logits_dtype"] == "torch.float16" and "GradScaler" in eff["loss_scaler"]

@@ -290,21 +290,23 @@ def _resampled_samples(urls: list[str], seed: int, shuffle, log: _SkipLog):
 def _batched(pairs, batch_size: int, log: _SkipLog, partial_last: bool):
     # default_collate stacks straight into shared memory inside a DataLoader worker, saving the copy
     # that sending a plain torch.stack result to the main process would make.
+    def batch(images, labels, keys):
+        return {"images": default_collate(images), "labels": torch.tensor(labels), "keys": keys,
+                "skipped": log.take()}
+
     images, labels, keys = [], [], []
     for img, label, key in pairs:
         images.append(img)
         labels.append(label)
         keys.append(key)
         if len(images) == batch_size:
-            yield {"images": default_collate(images), "labels": torch.tensor(labels), "keys": keys,
-                   "skipped": log.take()}
+            yield batch(images, labels, keys)
             images, labels, keys = [], [], []
     if images and partial_last:
-        yield {"images": default_collate(images), "labels": torch.tensor(labels), "keys": keys,
-                   "skipped": log.take()}
+        yield batch(images, labels, keys)
 
 
-def _train_worker_init(_worker_id: int) -> None:
+def _worker_init(_worker_id: int) -> None:
     from vitbench.lifecycle import ignore_stop_signals
 
     ignore_stop_signals()
@@ -335,13 +337,13 @@ class _TrainBatches(IterableDataset):
                  seed: int, epoch: int, repeats: int, resume_step: int, first_batches: int,
                  batches_per_epoch: int | None, shuffle_buffer: int, num_classes: int):
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
-        self.rank, self.world_size, self.workers, self.seed, self.repeats = rank, world_size, workers, seed, repeats
+        self.rank, self.world_size, self.seed, self.repeats = rank, world_size, seed, repeats
         self.first_epoch, self.resume_step = epoch, resume_step
         self.first_batches, self.batches_per_epoch = first_batches, batches_per_epoch
         self.shuffle_buffer, self.num_classes = shuffle_buffer, num_classes
         self.sampling = epoch_sampling(len(urls), world_size, workers, repeats)
 
-    def _epoch(self, epoch: int, worker: int, log: _SkipLog):
+    def _epoch(self, epoch: int, worker: int, workers: int, log: _SkipLog):
         # A launch resumed inside an epoch starts that epoch's shards again with other augmentation seeds.
         resume = self.resume_step if epoch == self.first_epoch else 0
         stream_seed = wds.utils.make_seed(self.seed, epoch, self.world_size, resume)
@@ -349,7 +351,6 @@ class _TrainBatches(IterableDataset):
         if get_worker_info() is not None:
             _seed_augmentation(wds.utils.make_seed(rank_seed, worker))
         shuffle = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 500), seed=rank_seed)
-        workers = max(1, self.workers)
         if self.sampling == PERMUTED:
             samples = _epoch_samples(self.urls, self.rank, self.world_size, worker, workers, self.seed, epoch,
                                      self.repeats, shuffle, log)
@@ -371,7 +372,7 @@ class _TrainBatches(IterableDataset):
             end = start + count
             n = len(range(mine, end, workers))  # this worker's batches of the epoch [start, end)
             if n:
-                yield from islice(self._epoch(epoch, worker, log), n)
+                yield from islice(self._epoch(epoch, worker, workers, log), n)
                 mine += n * workers
             if self.batches_per_epoch is None:
                 return
@@ -398,7 +399,7 @@ def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int,
                             batches_per_epoch=steps_per_epoch, shuffle_buffer=shuffle_buffer,
                             num_classes=num_classes)
     return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       worker_init_fn=_train_worker_init, prefetch_factor=2 if workers else None)
+                                       worker_init_fn=_worker_init, prefetch_factor=2 if workers else None)
 
 
 def _range_split(lo: int, hi: int, parts: int, index: int) -> tuple[int, int]:
@@ -461,13 +462,7 @@ class ValidationStream(IterableDataset):
         yield from _batched(pairs, self.batch_size, log, partial_last=True)
 
 
-def _validation_worker_init(_worker_id: int) -> None:
-    from vitbench.lifecycle import ignore_stop_signals
-
-    ignore_stop_signals()
-
-
 def validation_loader(stream: ValidationStream, pin_memory: bool = False):
     workers = stream.workers if stream.workers > 1 else 0
     return wds.WebLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                         worker_init_fn=_validation_worker_init if workers else None)
+                         worker_init_fn=_worker_init if workers else None)
