@@ -128,3 +128,13 @@ def copy_shards(src: Path, dst: Path) -> Path:
 
 def write_info(path: Path, meta: dict) -> None:
     (Path(path) / "_info.json").write_text(json.dumps(meta))
+
+
+def assert_picture(path):
+    """A PNG that holds a drawing: the right signature, some size, and more than a few colours."""
+    from matplotlib.image import imread
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 15_000, path
+    pixels = imread(path)[..., :3].reshape(-1, 3)
+    assert len({tuple(p) for p in pixels[::7]}) > 50, f"{path} looks blank"

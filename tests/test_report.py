@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO
+from conftest import BIN, REPO, assert_picture
 
 from vitbench import reporting
 
@@ -34,17 +34,20 @@ def test_config_labels_follow_the_seed():
 
 def test_scaling_efficiency_only_against_the_same_workload():
     results = reporting.load_results(RUNS)
+    one_node, one_device, two_nodes = results
+    assert reporting.describe(one_node)["batch_size"] == reporting.describe(one_device)["batch_size"]
+    assert reporting.describe(two_nodes)["batch_size"] != reporting.describe(one_device)["batch_size"]
     eff = reporting.scaling_efficiency(results)
-    assert eff[0] == f"{100 * 5316.4 / (1144.2 * 8):.1f}%"
-    assert eff[2] == "/"  # 2x8 ran another micro-batch: no like-for-like 1x1 row
+    per_device = one_node["p_train"] / one_node["world_size"] / one_device["p_train"]
+    assert eff == [f"{100 * per_device:.1f}%", "100.0%", "/"]  # 2x8 ran another micro-batch: no 1x1 row
 
 
 def test_plots_are_written(tmp_path):
     proc = report(*RUNS, "--plots", tmp_path)
     assert proc.returncode == 0, proc.stderr
     for name in ("throughput.png", "breakdown.png"):
-        data = (tmp_path / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert_picture(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["breakdown.png", "throughput.png"]
 
 
 def test_missing_results_is_a_clear_error(tmp_path):

@@ -6,7 +6,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import BIN, REPO, TINY, launch, launch_machines, results
+from conftest import BIN, REPO, TINY, assert_picture, launch, launch_machines, results
 
 from vitbench import metrics as M
 from vitbench import study
@@ -49,16 +49,6 @@ def report(runs, tmp_path_factory):
                           capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": str(BIN)})
     assert proc.returncode == 0, proc.stderr
     return out, (out / "report.md").read_text()
-
-
-def assert_picture(path):
-    """A PNG that holds a drawing: the right signature, some size, and more than a few colours."""
-    from matplotlib.image import imread
-
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 15_000, path
-    pixels = imread(path)[..., :3].reshape(-1, 3)
-    assert len({tuple(p) for p in pixels[::7]}) > 50, f"{path} looks blank"
 
 
 def section(text: str, title: str) -> str:

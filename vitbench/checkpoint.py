@@ -7,8 +7,8 @@ folder to `step_NNNNNNNN/` (one atomic rename). A run killed or out of space whi
 
 `--resume auto` takes the newest complete checkpoint whose files are all there with their recorded sizes;
 a damaged one is reported in one line and skipped for the next older. A checkpoint written by another
-number of processes is converted once to DeepSpeed's universal format (ZeRO 1-2, and bf16's partitioned
-optimizer) and loaded from that, so a run that lost a node goes on with the same global batch.
+number of processes is converted once to DeepSpeed's universal format (ZeRO 1-2) and loaded from that,
+so a run that lost a node goes on with the same global batch.
 Multi-node runs need the output directory on a shared filesystem, as DeepSpeed's ZeRO checkpoints do.
 """
 
@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vitbench.errors import UserError
+
 MARKER = "COMPLETE"
 UNIVERSAL = "universal"  # subfolder of a checkpoint: its DeepSpeed-universal conversion
 DS_TAG = "pytorch_model"  # the folder accelerate gives the DeepSpeed engine's checkpoint
@@ -30,7 +32,7 @@ _NAME = re.compile(r"^step_(\d{8})$")
 GIB = 1024**3
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     pass
 
 
@@ -110,9 +112,10 @@ def check_layout(meta: dict, *, world_size: int, zero_stage: int, global_batch: 
                               f"--precision {precision}")
     if saved[0] == world_size and saved[1] == zero_stage:
         return False
-    partitioned = {saved[1], zero_stage} & {1, 2, 3} or precision == "bf16"  # bf16 partitions like ZeRO-1
-    if not partitioned:
-        return False  # ZeRO-0 fp32/amp: every rank holds the whole optimizer state
+    # ZeRO-0 keeps the whole optimizer state on every rank, bf16 included (DeepSpeed >= 0.17.6 gives bf16 at
+    # ZeRO-0 a non-partitioned optimizer unless fp32 gradient accumulation is asked for).
+    if not {saved[1], zero_stage} & {1, 2, 3}:
+        return False
     if 3 in (saved[1], zero_stage):
         raise CheckpointError(f"the checkpoint was written by {saved[0]} processes with ZeRO-{saved[1]}, this "
                               f"launch has {world_size} processes with ZeRO-{zero_stage}: ZeRO-3 checkpoints can "

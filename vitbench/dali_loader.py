@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitbench.data import DataError, ShardSet, parse_label
+from vitbench.data import DataError, ShardSet, parse_label, split_member
 
 INDEX_SUFFIX = ".idx"
 EPOCH_SAMPLING = "dali-sharded"  # results.json: DALI's reader splits the samples over ranks, each once per epoch
 # timm's RandAugment magnitude runs 0..10; DALI's is a bin in 0..num_magnitude_bins-1.
 _TIMM_MAX_MAGNITUDE, _DALI_BINS = 10, 31
+MAX_EMPTY_RUNS = 20  # pipeline runs in a row without a usable sample before the run stops
 
 
 def rand_augment_args(policy: str | None) -> tuple[int, int] | None:
@@ -57,9 +58,10 @@ def write_index(tar_path: str | Path) -> Path:
     samples, last = [], None
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
-            if not member.isreg() or "/" in member.name or member.name.startswith("."):
+            parts = split_member(member.name)
+            if not (member.isreg() and parts):
                 continue
-            key, _, ext = member.name.partition(".")
+            key, ext = parts
             if key != last:
                 samples.append([])
                 last = key
@@ -118,8 +120,10 @@ def _graph(shards: ShardSet, img_size: int, rand_augment: tuple[int, int] | None
 
 
 class DaliTrainLoader:
-    """Built once per launch; `batches(n)` yields the default loader's batch dicts ({"images" uint8 NCHW,
-    "labels", "keys", "skipped"}) for the next n micro-batches."""
+    """A TrainLoader (vitbench.loaders), built once per launch: `batches(n)` yields the default loader's batch
+    dicts ({"images" uint8 NCHW, "labels", "keys", "skipped"}) for the next n micro-batches, each full."""
+
+    epoch_sampling = EPOCH_SAMPLING
 
     def __init__(self, shards: ShardSet, img_size: int, auto_augment: str | None, batch_size: int, *, rank: int,
                  world_size: int, threads: int, seed: int, repeats: int, device: torch.device):
@@ -159,29 +163,56 @@ class DaliTrainLoader:
 
     def batches(self, n: int):
         for _ in range(n):
+            yield self._full_batch()
+
+    def close(self) -> None:
+        self.pipe = None  # DALI's threads stop with the pipeline
+
+    def _full_batch(self) -> dict:
+        """`batch_size` images: a sample dropped for a bad label is made up from the next pipeline run, so
+        Mixup (which needs an even batch) and the step's sample count never see a short batch. A run of
+        pipeline outputs with no usable sample at all is an error, not an endless wait."""
+        parts, have, skipped, empty_runs = [], 0, 0, 0
+        while have < self.batch_size:
+            x, y, names, dropped = self._run_once()
+            parts.append((x, y, names))
+            have += len(y)
+            skipped += dropped
+            empty_runs = 0 if len(y) else empty_runs + 1
+            if empty_runs >= MAX_EMPTY_RUNS:
+                raise DataError(f"DALI read {MAX_EMPTY_RUNS} batches in a row under "
+                                f"{Path(self.shards.urls[0]).parent} without one usable sample (every label "
+                                "bad?): check the split with `shards/prep_shards.py --verify`")
+        n = self.batch_size  # batch not a multiple of R: the last images lose their last copies
+        x = torch.cat([p[0] for p in parts])[:n]
+        y = torch.cat([p[1] for p in parts])[:n]
+        names = [k for p in parts for k in p[2]][:n]
+        return {"images": x, "labels": y, "keys": names, "skipped": skipped}
+
+    def _run_once(self):
+        """One pipeline run: R augmented copies of each sample read, samples with a bad label dropped."""
+        try:
+            *images, labels, keys = self.pipe.run()
+        except RuntimeError as e:
+            raise DataError(self._message("could not read or decode a train sample", e)) from None
+        ok, values, names = [], [], []
+        for i in range(len(labels)):
+            # source_info is "<tar>:<offset>:<member>"; the key is the member's, by the one rule of data.py
+            source = bytes(np.asarray(keys.at(i))).decode("utf-8", "replace")
+            tar, _offset, member = source.rsplit(":", 2)
+            names.append((split_member(member) or (member, ""))[0])
             try:
-                *images, labels, keys = self.pipe.run()
-            except RuntimeError as e:
-                raise DataError(self._message("could not read or decode a train sample", e)) from None
-            ok, values, names = [], [], []
-            for i in range(len(labels)):
-                # source_info is "<tar>:<offset>:<member>"; the key is the member's name without its extension
-                source = bytes(np.asarray(keys.at(i))).decode("utf-8", "replace")
-                tar, _offset, member = source.rsplit(":", 2)
-                names.append(member.rsplit(".", 1)[0])
-                try:
-                    values.append(parse_label(bytes(np.asarray(labels.at(i))), self.shards.num_classes))
-                    ok.append(True)
-                except ValueError as e:  # dropped below and counted, with the default reader's warning
-                    warnings.warn(f"skipping sample {names[-1]} of {tar}: {e}", stacklevel=2)
-                    values.append(0)
-                    ok.append(False)
-            x = torch.cat([self._to_torch(t) for t in images])  # copy r of every sample after copy r-1
-            y = torch.tensor(values * self.repeats)
-            keep = torch.tensor(ok * self.repeats)
-            names = names * self.repeats
-            if not keep.all():  # a bad label: the sample is dropped here and counted, as by the default reader
-                x, y = x[keep.to(x.device)], y[keep]
-                names = [name for name, good in zip(names, keep.tolist()) if good]
-            n = self.batch_size  # batch not a multiple of R: the last images lose their last copies
-            yield {"images": x[:n], "labels": y[:n], "keys": names[:n], "skipped": ok.count(False)}
+                values.append(parse_label(bytes(np.asarray(labels.at(i))), self.shards.num_classes))
+                ok.append(True)
+            except ValueError as e:  # dropped below and counted, with the default reader's warning
+                warnings.warn(f"skipping sample {names[-1]} of {tar}: {e}", stacklevel=2)
+                values.append(0)
+                ok.append(False)
+        x = torch.cat([self._to_torch(t) for t in images])  # copy r of every sample after copy r-1
+        y = torch.tensor(values * self.repeats)
+        keep = torch.tensor(ok * self.repeats)
+        names = names * self.repeats
+        if not keep.all():
+            x, y = x[keep.to(x.device)], y[keep]
+            names = [name for name, good in zip(names, keep.tolist()) if good]
+        return x, y, names, ok.count(False)

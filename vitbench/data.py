@@ -24,6 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from vitbench.errors import UserError
 from vitbench.prep import INFO_FILE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,12 +34,20 @@ EVAL_CROP_PCT = 224 / 256  # resize 256, center-crop 224; scales with --img-size
 
 # A sample member is `<key>.<ext>` with no directory part; anything else in a tar is foreign.
 _MEMBER = re.compile(r"^([^./\\]+)\.([^/\\]+)$")
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """A tar member name -> (sample key, extension): the key ends at the first dot, as webdataset and timm
+    read it. None for a name that is no sample file (a directory part, no extension, a leading dot). The one
+    rule every reader and writer of shards here uses."""
+    match = _MEMBER.match(name)
+    return (match[1], match[2]) if match else None
 TAR_BLOCK = 512
 # Consecutive train shards that yield nothing before the run stops instead of resampling forever.
 MAX_CONSECUTIVE_BAD_SHARDS = 20
 
 
-class DataError(Exception):
+class DataError(UserError):
     pass
 
 
@@ -177,15 +186,15 @@ def tar_samples(path: str, log: _SkipLog, count_read_errors: bool = True):
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                match = _MEMBER.match(member.name)
-                if not (match and member.isreg()):
+                parts = split_member(member.name)
+                if not (parts and member.isreg()):
                     name = member.name.rsplit(".", 1)[0]
                     if name != last_foreign:
                         last_foreign = name
                         log.drop(f"{path} member {member.name!r}", "not a sample file (<key>.<ext>, a regular "
                                  "file with no directory part)")
                     continue
-                key, ext = match.groups()
+                key, ext = parts
                 if sample is not None and sample["__key__"] != key:
                     yield sample
                     sample = None
@@ -330,8 +339,9 @@ class _TrainBatches(IterableDataset):
     A DataLoader over an iterable dataset asks its W workers for batches in turn (worker w makes the rank's
     batches w, w + W, w + 2W, ...) and hands them on in that order. So each worker can work out which epoch
     its next batch belongs to and start that epoch's samples exactly where the rank's stream does: one set
-    of workers serves the whole launch, with no restart and no shuffle-buffer refill between epochs (a
-    restart per epoch cost ~2.5 s with 12 workers on a GPU machine, measured 2026-11-28)."""
+    of workers serves the whole launch, with no process restart between epochs (a restart per epoch cost
+    ~2.5 s with 12 workers on a GPU machine, measured 2026-11-28). Each epoch does start a shuffle buffer of
+    its own (seeded per epoch), which a worker fills while the batches it prefetched still feed the trainer."""
 
     def __init__(self, urls: list[str], transform, batch_size: int, *, rank: int, world_size: int, workers: int,
                  seed: int, epoch: int, repeats: int, resume_step: int, first_batches: int,
@@ -400,6 +410,29 @@ def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int,
                             num_classes=num_classes)
     return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                        worker_init_fn=_worker_init, prefetch_factor=2 if workers else None)
+
+
+class WdsTrainLoader:
+    """A TrainLoader (vitbench.loaders) over one DataLoader for the whole launch: its workers carry on from
+    one epoch into the next (_TrainBatches), and start when the first batch is asked for."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, epoch_sampling: str):
+        self._loader, self.epoch_sampling, self._batches = loader, epoch_sampling, None
+
+    def batches(self, n: int):
+        if self._batches is None:
+            self._batches = iter(self._loader)
+        for _ in range(n):
+            yield next(self._batches)  # full batches only: _batched never yields a short train batch
+
+    def close(self) -> None:
+        """Stop the workers. They ignore SIGTERM (lifecycle.ignore_stop_signals), so the terminate() that
+        multiprocessing sends them at exit would leave the process waiting on them; the iterator's own
+        shutdown (what it runs when exhausted; a train stream never is) stops them in order."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers (--workers 0)
+        if shutdown:
+            shutdown()
 
 
 def _range_split(lo: int, hi: int, parts: int, index: int) -> tuple[int, int]:

@@ -7,28 +7,37 @@ import json
 import os
 from pathlib import Path
 
-from vitbench.precision import deepspeed_sections
+from vitbench.errors import UserError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     pass
 
 
-def config_path(flag: str | None) -> Path:
+def config_path(flag: str | None, environ=os.environ) -> Path:
     """--deepspeed-config, else the one `accelerate launch` was given (its YAML), else ZeRO-1."""
-    return Path(flag or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or DS_CONFIG_DIR / "zero1.json")
+    return Path(flag or environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or DS_CONFIG_DIR / "zero1.json")
 
 
-def _enabled(section) -> bool | None:
-    if not isinstance(section, dict) or section.get("enabled", False) == "auto":
-        return None
-    return bool(section.get("enabled", False))
+def _merge_section(path: Path, key: str, theirs, wanted: dict, label: str) -> dict:
+    """One precision section: what selects the precision ("enabled", the autocast dtype) is ours, and a user
+    value that contradicts it is refused; the user's other settings (e.g. fp16's `initial_scale_power`,
+    `loss_scale_window`) are kept, ours only fill in what the user left out or set to "auto"."""
+    theirs = {k: v for k, v in (theirs or {}).items() if v != "auto"} if isinstance(theirs, dict) else {}
+    if "enabled" in theirs:
+        theirs["enabled"] = bool(theirs["enabled"])
+    for k in ("enabled", "dtype"):
+        if k in theirs and k in wanted and theirs[k] != wanted[k]:
+            raise ConfigError(f"{path}: {key}.{k}={theirs[k]} contradicts --precision {label}; "
+                              f"remove the key or set it to \"auto\"")
+    return {**wanted, **theirs} if wanted["enabled"] else {"enabled": False}
 
 
 def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, clip_grad: float | None,
-          precision: str, zero_stage: int | None, throughput_timer: bool = False) -> dict:
+          precision, zero_stage: int | None, throughput_timer: bool = False) -> dict:
+    """The config at PATH with the flags written in; PRECISION is a precision.PrecisionSpec."""
     try:
         cfg = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -48,15 +57,8 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
         if key in cfg and cfg[key] != "auto" and cfg[key] != value:
             raise ConfigError(f"{path}: {key}={cfg[key]} contradicts the flags, which give {value}; "
                               "remove the key or set it to \"auto\"")
-    sections = deepspeed_sections(precision)
-    for key, wanted in sections.items():
-        theirs = _enabled(cfg.get(key))
-        if theirs is not None and theirs != wanted["enabled"]:
-            raise ConfigError(f"{path}: {key}.enabled={theirs} contradicts --precision {precision}; "
-                              "remove the section or set enabled to \"auto\"")
-    for key, wanted in sections.items():
-        cfg[key] = {**{k: v for k, v in cfg.get(key, {}).items() if v != "auto"}, **wanted} \
-            if wanted["enabled"] else {"enabled": False}
+    for key, wanted in precision.deepspeed_sections().items():
+        cfg[key] = _merge_section(path, key, cfg.get(key), wanted, precision.label)
     cfg.update(ours)
     zero = cfg.setdefault("zero_optimization", {})
     if zero_stage is not None:

@@ -10,6 +10,7 @@ Exit statuses of a rank (README "What happens when..."):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -19,12 +20,15 @@ import threading
 import time
 from pathlib import Path
 
+from vitbench.errors import UserError
+
 EXIT_INTERRUPTED = 75
 EXIT_ORPHANED = 76
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
-class LockError(Exception):
+class LockError(UserError):
     pass
 
 
@@ -36,8 +40,12 @@ class RunLock:
         self.path = Path(out_dir) / ".lock"
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a+")
+            # O_NOFOLLOW: a `.lock` that is a symlink is refused, never written through to its target.
+            self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise LockError(f"{self.path} is a symbolic link; the run lock is never written through a link: "
+                                "remove it or pick another --output-dir") from None
             raise LockError(f"{out_dir}: cannot create the output directory or write in it "
                             f"({e.strerror or e}); pick a writable --output-dir") from None
         try:
@@ -48,16 +56,20 @@ class RunLock:
             self.file.close()
             raise LockError(f"{out_dir} is in use by a running training ({holder}); give this run its own "
                             "--output-dir, or wait for that one to end") from None
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                raise
+            # Lustre without `-o flock`, some FUSE mounts: run on, unguarded, and say so once.
+            print(f"warning: {out_dir}: this filesystem cannot lock files ({e.strerror}); a second run started "
+                  "in the same --output-dir will not be refused", file=sys.stderr)
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
-        try:  # the directory must take real writes, not just a lock file
-            probe = Path(out_dir) / f".write-test{os.getpid()}"
-            probe.write_bytes(b"x")
-            probe.unlink()
-        except OSError as e:
-            raise LockError(f"{out_dir}: not writable ({e.strerror or e}); pick a writable --output-dir") from None
+        from vitbench.prep import writable_problem
+
+        if problem := writable_problem(out_dir):  # the directory must take real writes, not just a lock file
+            raise LockError(f"{out_dir}: not writable ({problem}); pick a writable --output-dir")
 
 
 class StopRequest:

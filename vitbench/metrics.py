@@ -1,8 +1,9 @@
 """Every metric name a run writes, defined once, and the device memory monitor.
 
-One scheme, torchtitan's: `group/name(unit)`, no group for the headline figures. The profiler, the
-console line, metrics.jsonl, W&B (under `train/`) and the report all use these constants, never the
-strings themselves.
+One scheme, torchtitan's: `group/name(unit)`, no group for the headline figures. The per-step rows
+(profiler, console line, metrics.jsonl, W&B under `train/`, the W&B panels and the step timelines) use
+these constants. results.json keeps the seed's own names (`p_whole`, `p_core`, `mfu_core(%)`, ...), which
+the reports and benchmark scripts read as written there.
 """
 
 from __future__ import annotations

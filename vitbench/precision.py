@@ -1,59 +1,105 @@
-"""`--precision`: what each label means, how it is switched on, and a run-time check that it really is.
+"""`--precision`: what each label means (one PrecisionSpec per label, the only place that says it), whether the
+machine can run it, and a run-time check that what runs is what the label says.
 
   fp32  fp32 weights and math; TF32 off for matmul and cuDNN (FlagPerf's "fp32" rows really ran AMP)
   tf32  fp32 weights; TF32 tensor-core math for matmul and cuDNN
   amp   fp32 weights, fp16 autocast, dynamic loss scaling (DeepSpeed `torch_autocast` + GradScaler)
   fp16  DeepSpeed fp16: fp16 weights, fp32 master copy, dynamic loss scale (FlagPerf's `fp16`)
   bf16  DeepSpeed bf16: bf16 weights, fp32 master copy
+
+The DeepSpeed adapters at the end (loss scale, skipped steps, what is in effect) are the only code that reads
+DeepSpeed engine attributes outside its documented API; tests/test_config.py builds real engines and fails
+when a DeepSpeed upgrade moves one.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-PRECISIONS = ("fp32", "tf32", "amp", "fp16", "bf16")
-_PARAM_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "amp": torch.float32, "fp16": torch.float16,
-                "bf16": torch.bfloat16}
-_COMPUTE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "amp": torch.float16, "fp16": torch.float16,
-                  "bf16": torch.bfloat16}
+from vitbench.errors import UserError
+
+# fp16 dynamic loss scaling as FlagPerf's fp16 rows (DeepSpeed's defaults): a user's config may set each.
+FP16_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                "min_loss_scale": 1}
 
 
-class PrecisionError(Exception):
+class PrecisionError(UserError):
     pass
 
 
-def input_dtype(precision: str) -> torch.dtype:
-    """Dtype the images must have: the weights' dtype (autocast casts fp32 inputs itself)."""
-    return _PARAM_DTYPE[precision]
+@dataclass(frozen=True)
+class PrecisionSpec:
+    label: str
+    param_dtype: torch.dtype  # the weights, and so the images fed to the model
+    compute_dtype: torch.dtype  # the forward pass (the logits' dtype)
+    autocast: bool  # fp32 weights, torch autocast to compute_dtype
+    loss_scaler: str | None  # "deepspeed" (fp16 optimizer), "torch.amp.GradScaler" (autocast) or None
+    tf32: bool
+    peak_class: str  # the datasheet column MFU divides by
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.param_dtype  # autocast casts fp32 inputs itself
+
+    def deepspeed_sections(self) -> dict:
+        """The DeepSpeed config sections that select this precision (the others off)."""
+        return {
+            "fp16": {"enabled": self.label == "fp16", **FP16_SCALING},
+            "bf16": {"enabled": self.label == "bf16"},
+            "torch_autocast": {"enabled": self.autocast, "dtype": str(self.compute_dtype)},
+        }
+
+    def check_supported(self, machine) -> None:
+        """Refuse, before any heavy work, a precision MACHINE (runinfo.MachineFacts) cannot run."""
+        where = f"this run's device is '{machine.device_name}'"
+        if self.tf32 and not (machine.device_type == "cuda" and (machine.capability or (0, 0)) >= (8, 0)):
+            raise PrecisionError(f"--precision {self.label} needs an NVIDIA GPU with TF32 (Ampere or newer); {where}")
+        if self.autocast and not machine.autocast:
+            raise PrecisionError(f"--precision {self.label} needs torch autocast on '{machine.device_type}', which "
+                                 "this PyTorch lacks")
+        if self.param_dtype == torch.float16 and not machine.fp16:
+            raise PrecisionError(f"--precision {self.label} needs fp16 weights and optimizer support, which "
+                                 f"DeepSpeed's '{machine.device_type}' accelerator does not report; use fp32, amp or "
+                                 "bf16 here")
+        if self.param_dtype == torch.bfloat16 and not machine.bf16:
+            raise PrecisionError(f"--precision {self.label} is not supported on DeepSpeed's "
+                                 f"'{machine.device_type}' accelerator")
+
+    def verify(self, effect: dict) -> None:
+        """Raise if what is in effect (`in_effect`) is not what the label promises."""
+        problems = []
+        if effect["param_dtype"] != str(self.param_dtype):
+            problems.append(f"parameters are {effect['param_dtype']}")
+        if effect["logits_dtype"] is not None and effect["logits_dtype"] != str(self.compute_dtype):
+            problems.append(f"the forward pass computes in {effect['logits_dtype']}")
+        tf32_on = [effect["tf32_matmul"], effect["tf32_cudnn"]]
+        if not self.tf32 and any(tf32_on):
+            problems.append("TF32 is on")
+        if self.tf32 and not all(tf32_on):
+            problems.append("TF32 is off")
+        if self.loss_scaler and effect["loss_scaler"] is None:
+            problems.append("there is no loss scaler")
+        if problems:
+            raise PrecisionError(f"--precision {self.label} is not what runs: {'; '.join(problems)}")
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "param_dtype": str(self.param_dtype), "compute_dtype": str(self.compute_dtype),
+                "autocast": self.autocast, "loss_scaler": self.loss_scaler, "tf32": self.tf32,
+                "peak_class": self.peak_class}
 
 
-def deepspeed_sections(precision: str) -> dict:
-    """The DeepSpeed config sections that select the precision (all other precision keys off)."""
-    return {
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "bf16": {"enabled": precision == "bf16"},
-        "torch_autocast": {"enabled": precision == "amp", "dtype": "torch.float16"},
-    }
-
-
-def check_supported(precision: str) -> None:
-    """Refuse, before any heavy work, a precision the device cannot run."""
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    name = acc.device_name()
-    if precision == "tf32":
-        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
-            raise PrecisionError("--precision tf32 needs an NVIDIA GPU with TF32 (Ampere or newer); "
-                                 f"this run's device is '{name}'")
-    elif precision == "amp" and not torch.amp.is_autocast_available(name):
-        raise PrecisionError(f"--precision amp needs torch autocast on '{name}', which this PyTorch lacks")
-    elif precision == "fp16" and not acc.is_fp16_supported():
-        raise PrecisionError("--precision fp16 needs fp16 weights and optimizer support, which DeepSpeed's "
-                             f"'{name}' accelerator does not report; use fp32, amp or bf16 here")
-    elif precision == "bf16" and not acc.is_bf16_supported():
-        raise PrecisionError(f"--precision bf16 is not supported on DeepSpeed's '{name}' accelerator")
+_F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
+SPECS = {s.label: s for s in [
+    PrecisionSpec("fp32", _F32, _F32, autocast=False, loss_scaler=None, tf32=False, peak_class="fp32"),
+    PrecisionSpec("tf32", _F32, _F32, autocast=False, loss_scaler=None, tf32=True, peak_class="tf32"),
+    PrecisionSpec("amp", _F32, _F16, autocast=True, loss_scaler="torch.amp.GradScaler", tf32=False,
+                  peak_class="16bit"),
+    PrecisionSpec("fp16", _F16, _F16, autocast=False, loss_scaler="deepspeed", tf32=False, peak_class="16bit"),
+    PrecisionSpec("bf16", _BF16, _BF16, autocast=False, loss_scaler=None, tf32=False, peak_class="16bit"),
+]}
+PRECISIONS = tuple(SPECS)  # the --precision choices, in the order tables show them
 
 
 def set_tf32(enabled: bool) -> None:
@@ -63,12 +109,36 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.rnn.fp32_precision = mode
 
 
+# ---- DeepSpeed adapters ---------------------------------------------------------------------------------
+def _autocast_scaler(engine):
+    """The GradScaler DeepSpeed's torch_autocast mode made: on the engine under ZeRO-0, on the ZeRO optimizer
+    under ZeRO 1-2; None when the engine runs without one."""
+    if not (engine.torch_autocast_enabled() and engine.torch_autocast_dtype() == torch.float16):
+        return None
+    if engine.zero_optimization():
+        return engine.optimizer.torch_autocast_gradscaler
+    return engine.torch_autocast_z0_gradscaler
+
+
+def loss_scale(engine) -> float | None:
+    """The loss scale in effect: the autocast GradScaler's or DeepSpeed's fp16 optimizer's; None without one."""
+    scaler = _autocast_scaler(engine)
+    if scaler is not None:
+        return float(scaler.get_scale())
+    return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
+
+
+def skipped_steps(engine) -> int:
+    """Optimizer steps DeepSpeed has skipped for a gradient overflow since the run began."""
+    return int(engine.skipped_steps)
+
+
 def in_effect(engine, logits_dtype: torch.dtype | None = None) -> dict:
     """What the run actually uses, read back from DeepSpeed and PyTorch."""
     scaler = None
     if engine.fp16_enabled():
         scaler = "deepspeed dynamic" if engine.dynamic_loss_scale() else "deepspeed static"
-    elif engine.torch_autocast_enabled() and engine.torch_autocast_dtype() == torch.float16:
+    elif _autocast_scaler(engine) is not None:
         scaler = "torch.amp.GradScaler (dynamic)"
     return {
         "param_dtype": str(next(engine.module.parameters()).dtype),
@@ -80,20 +150,3 @@ def in_effect(engine, logits_dtype: torch.dtype | None = None) -> dict:
         "tf32_cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32",
         "loss_scaler": scaler,
     }
-
-
-def verify(precision: str, effect: dict) -> None:
-    """Raise if what is in effect is not what the label promises."""
-    problems = []
-    if effect["param_dtype"] != str(_PARAM_DTYPE[precision]):
-        problems.append(f"parameters are {effect['param_dtype']}")
-    if effect["logits_dtype"] is not None and effect["logits_dtype"] != str(_COMPUTE_DTYPE[precision]):
-        problems.append(f"the forward pass computes in {effect['logits_dtype']}")
-    if precision == "fp32" and (effect["tf32_matmul"] or effect["tf32_cudnn"]):
-        problems.append("TF32 is on")
-    if precision == "tf32" and not (effect["tf32_matmul"] and effect["tf32_cudnn"]):
-        problems.append("TF32 is off")
-    if precision in ("amp", "fp16") and effect["loss_scaler"] is None:
-        problems.append("there is no loss scaler")
-    if problems:
-        raise PrecisionError(f"--precision {precision} is not what runs: {'; '.join(problems)}")

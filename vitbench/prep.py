@@ -23,14 +23,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-IMAGENET_TRAIN_IMAGES = 1_281_167
+from vitbench.errors import UserError
+
 DEFAULT_SHARD_SIZE = 1252  # 1,281,167 / 1252 -> 1024 train shards, as timm/imagenet-1k-wds
 JPEG_QUALITY = 90
 INFO_FILE = "_info.json"
 
 
-class PrepError(Exception):
+class PrepError(UserError):
     """Bad input detected before any shard is written."""
 
 
@@ -235,8 +235,10 @@ def sha256_file(path: Path) -> str:
 def count_tar_samples(path: Path) -> int:
     import tarfile
 
+    from vitbench.data import split_member
+
     with tarfile.open(path) as tf:
-        return len({m.name.split("/")[-1].split(".", 1)[0] for m in tf.getmembers() if m.isreg()})
+        return len({parts[0] for m in tf.getmembers() if m.isreg() and (parts := split_member(m.name))})
 
 
 def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_size: int = DEFAULT_SHARD_SIZE,
@@ -263,17 +265,31 @@ def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_si
                         "to resume") from None
 
 
+def writable_problem(directory: Path) -> str | None:
+    """Why files cannot be written in DIRECTORY (made if missing), or None: a real write, not a permission
+    guess (a read-only or full filesystem, a file in the way). The probe file is created exclusively, so it
+    never writes through a symlink someone left under that name."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            probe.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def check_writable(out: Path) -> None:
     """--out must be a directory we can write, checked before any shard is made."""
     if out.exists() and not out.is_dir():
         raise PrepError(f"{out}: --out exists and is not a directory")
-    try:
-        (out / ".prep").mkdir(parents=True, exist_ok=True)
-        probe = out / ".prep" / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise PrepError(f"{out}: --out is not writable ({e.strerror or e})") from None
+    if problem := writable_problem(out / ".prep"):
+        raise PrepError(f"{out}: --out is not writable ({problem})")
 
 
 def _prepare(src, out, split, name, shard_size, workers, seed, max_side, sources, classes, progress) -> dict:

@@ -3,7 +3,10 @@
 Windows (host clock unless noted; every window edge that follows queued device work synchronizes):
   train      train start -> train end                                  -> p_whole
   paused     evaluation and checkpoint saves inside the train window   -> p_train = samples / (train - paused)
-  data wait  loop asks for a batch -> batch is on the device           (inside train - paused)
+  data wait  loop asks for a batch -> batch is queued on the device    (inside train - paused; on a GPU
+             the copy, normalization and mixup kernels run after the
+             host moves on, before the step's start event: their device
+             time is in neither data wait nor compute, only in train)
   compute    forward + backward + optimizer step, timed with device    -> p_core = samples / compute
              events where the device has them (no per-step sync), else
              with the host clock (synchronous devices such as the CPU)

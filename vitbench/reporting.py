@@ -48,8 +48,16 @@ def fix_hp_text(fix_hp: dict) -> str:
     return ", ".join(f"{short.get(k, k)}={v}" for k, v in fix_hp.items()) or "/"
 
 
-def _num(v, digits: int = 0) -> str:
-    return "/" if v is None else f"{v:.{digits}f}"
+def num(value, digits: int = 0, unit: str = "") -> str:
+    """A figure for a table or a console line; "/" (the seed's placeholder) when there is none."""
+    return "/" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def efficiency(rate: float | None, devices: int, base_rate: float | None, base_devices: int = 1) -> float | None:
+    """Scaling efficiency: RATE on DEVICES against BASE_RATE on BASE_DEVICES scaled linearly (1.0 = linear)."""
+    if not rate or not base_rate:
+        return None
+    return rate * base_devices / (devices * base_rate)
 
 
 def partly_evaluated(r: dict) -> bool:
@@ -58,10 +66,10 @@ def partly_evaluated(r: dict) -> bool:
 
 
 def table_row(r: dict, lang: str = "zh") -> list:
-    acc = _num(r.get("final_acc1"), 3) + ("*" if partly_evaluated(r) else "")
+    acc = num(r.get("final_acc1"), 3) + ("*" if partly_evaluated(r) else "")
     label = config_label(r, lang) + (f" ZeRO-{r['zero_stage']}" if r.get("zero_stage") is not None else "")
-    return [label, r["precision"], fix_hp_text(r.get("fix_hp", {})), _num(r.get("e2e_time")),
-            _num(r.get("p_whole")), _num(r.get("p_train")), _num(r.get("p_core")), acc, r.get("mem") or "/"]
+    return [label, r["precision"], fix_hp_text(r.get("fix_hp", {})), num(r.get("e2e_time")),
+            num(r.get("p_whole")), num(r.get("p_train")), num(r.get("p_core")), acc, r.get("mem") or "/"]
 
 
 def describe(r: dict) -> dict:
@@ -90,8 +98,8 @@ def scaling_efficiency(results: list[dict]) -> list[str]:
             base.setdefault(_workload(r), r["p_train"])
     out = []
     for r in results:
-        b = base.get(_workload(r))
-        out.append(f"{100 * r['p_train'] / (b * r['world_size']):.1f}%" if b and r.get("p_train") else "/")
+        e = efficiency(r.get("p_train"), r["world_size"], base.get(_workload(r)))
+        out.append(num(100 * e if e is not None else None, 1, "%"))
     return out
 
 
@@ -110,7 +118,7 @@ def markdown_table(results: list[dict], lang: str = "zh") -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def plots(results: list[dict], out_dir: Path, lang: str = "en") -> list[Path]:
+def plots(results: list[dict], out_dir: Path) -> list[Path]:
     """throughput.png (p_whole / p_train / p_core per config) and breakdown.png (milliseconds per optimizer
     step spent on compute, data wait, evaluation and the rest)."""
     import matplotlib

@@ -6,15 +6,51 @@ import os
 import platform
 import socket
 import subprocess
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 
-def layout() -> dict:
+def layout(environ=os.environ) -> dict:
     """Machines x processes per machine, from the launcher's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    world = int(environ.get("WORLD_SIZE", "1"))
+    per_node = int(environ.get("LOCAL_WORLD_SIZE", world))
     return {"world_size": world, "nnodes": max(1, world // max(per_node, 1)), "nproc_per_node": per_node}
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a SLURM step or a container may allow fewer than the
+    machine has), not os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """What a Plan needs to know of the machine, asked once at start (`probe`); tests pass their own."""
+
+    device_type: str  # "cuda", "cpu", ...
+    device_name: str
+    capability: tuple[int, int] | None  # CUDA compute capability
+    fp16: bool  # DeepSpeed's accelerator reports fp16 weights + optimizer support
+    bf16: bool
+    autocast: bool  # torch autocast exists for the device
+    cpus: int  # usable_cpus()
+
+    @classmethod
+    def probe(cls) -> "MachineFacts":
+        import torch
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        kind = acc.device_name()
+        cuda = kind == "cuda" and torch.cuda.is_available()
+        return cls(device_type=kind, device_name=torch.cuda.get_device_name() if cuda else (cpu_model() or kind),
+                   capability=torch.cuda.get_device_capability() if cuda else None,
+                   fp16=bool(acc.is_fp16_supported()), bf16=bool(acc.is_bf16_supported()),
+                   autocast=torch.amp.is_autocast_available(kind), cpus=usable_cpus())
 
 
 def free_port() -> int:
@@ -75,6 +111,8 @@ def environment(device, repo: Path) -> dict:
     else:
         env.update({"device_name": cpu_model() or platform.processor() or platform.machine(), "device_count": 1,
                     "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags()})
+    env["usable_cpus"] = usable_cpus()
+    env["launch"] = launch_environment()
     return env
 
 
@@ -110,3 +148,13 @@ def _nvidia_driver() -> str | None:
     except Exception:
         return None
 
+
+# Variables that decide how ranks find each other and which network they use: recorded with every run, so a
+# slow 2x8 row can be traced to its interface, transport or SLURM allocation.
+_LAUNCH_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES",
+                    "SLURM_CPUS_PER_TASK", "SRUN_CPUS_PER_TASK", "SLURM_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT",
+                    "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def launch_environment(environ=os.environ) -> dict:
+    return {k: v for k, v in sorted(environ.items()) if k.startswith(_LAUNCH_PREFIXES)}

@@ -16,10 +16,9 @@ import textwrap
 from pathlib import Path
 
 from vitbench import metrics as M
-from vitbench.reporting import config_label, describe, markdown_table, plots
+from vitbench.precision import PRECISIONS
+from vitbench.reporting import config_label, describe, efficiency, markdown_table, num, plots
 from vitbench.tracking import METRICS_FILE
-
-PRECISION_ORDER = ["fp32", "tf32", "amp", "fp16", "bf16"]
 
 
 def _groups(results: list[dict], varied: set[str]) -> tuple[list[list[dict]], list[str]]:
@@ -53,11 +52,7 @@ def run_label(r: dict) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "/" if value is None else f"{100 * value:.1f}%"
-
-
-def _num(value, digits=0) -> str:
-    return "/" if value is None else f"{value:.{digits}f}"
+    return num(None if value is None else 100 * value, 1, "%")
 
 
 # ---- scaling -------------------------------------------------------------------------------------------
@@ -70,10 +65,9 @@ def scaling_rows(group: list[dict]) -> list[dict]:
         row = {"run": r, "devices": r["world_size"], "p_train": r.get("p_train"), "p_core": r.get("p_core")}
         single = next((s for s in group if s["nnodes"] == 1 and s["nproc_per_node"] == r["nproc_per_node"]), None)
         for key in ("p_train", "p_core"):
-            row[f"{key}_vs_1x1"] = r[key] / (r["world_size"] * one[key]) if one and r.get(key) and one.get(key) \
-                else None
-            row[f"{key}_vs_1node"] = r[key] / (r["nnodes"] * single[key]) \
-                if single and r["nnodes"] > 1 and r.get(key) and single.get(key) else None
+            row[f"{key}_vs_1x1"] = efficiency(r.get(key), r["world_size"], one.get(key)) if one else None
+            row[f"{key}_vs_1node"] = efficiency(r.get(key), r["nnodes"], single.get(key)) \
+                if single and r["nnodes"] > 1 else None
         rows.append(row)
     return rows
 
@@ -83,8 +77,8 @@ def scaling_markdown(group: list[dict]) -> str:
              "| p_train vs one node | p_core vs one node |", "|" + " --- |" * 8]
     for row in scaling_rows(group):
         r = row["run"]
-        lines.append(f"| {r['nnodes']}x{r['nproc_per_node']} | {row['devices']} | {_num(row['p_train'], 1)} | "
-                     f"{_num(row['p_core'], 1)} | {_pct(row['p_train_vs_1x1'])} | {_pct(row['p_core_vs_1x1'])} | "
+        lines.append(f"| {r['nnodes']}x{r['nproc_per_node']} | {row['devices']} | {num(row['p_train'], 1)} | "
+                     f"{num(row['p_core'], 1)} | {_pct(row['p_train_vs_1x1'])} | {_pct(row['p_core_vs_1x1'])} | "
                      f"{_pct(row['p_train_vs_1node'])} | {_pct(row['p_core_vs_1node'])} |")
     return "\n".join(lines) + "\n"
 
@@ -120,7 +114,7 @@ def peak_memory(r: dict) -> float | None:
 
 
 def matrix_cells(group: list[dict]) -> tuple[list[str], list[int], dict]:
-    precisions = [p for p in PRECISION_ORDER if any(r["precision"] == p for r in group)]
+    precisions = [p for p in PRECISIONS if any(r["precision"] == p for r in group)]
     stages = sorted({r["zero_stage"] for r in group})
     cells = {(r["precision"], r["zero_stage"]): {**{k: r.get(k) for k, _, _ in MATRIX_METRICS},
                                                  "peak_memory": peak_memory(r)} for r in group}
@@ -138,7 +132,7 @@ def matrix_markdown(group: list[dict]) -> str:
     for key, title, digits in _shown_metrics(cells):
         lines = [f"| {title} | " + " | ".join(f"ZeRO-{s}" for s in stages) + " |", "|" + " --- |" * (len(stages) + 1)]
         for p in precisions:
-            lines.append(f"| {p} | " + " | ".join(_num(cells.get((p, s), {}).get(key), digits) for s in stages) + " |")
+            lines.append(f"| {p} | " + " | ".join(num(cells.get((p, s), {}).get(key), digits) for s in stages) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
@@ -154,7 +148,7 @@ def matrix_plot(group: list[dict], path: Path) -> Path:
         ax.imshow(values, cmap="viridis_r" if key == "peak_memory" else "viridis", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, _num(v, digits), ha="center", va="center", fontsize=8, color="white",
+                ax.text(j, i, num(v, digits), ha="center", va="center", fontsize=8, color="white",
                         bbox={"facecolor": "black", "alpha": 0.35, "lw": 0, "pad": 1})
         ax.set_xticks(range(len(stages)), [f"ZeRO-{s}" for s in stages], fontsize=8)
         ax.set_yticks(range(len(precisions)), precisions, fontsize=8)

@@ -85,10 +85,6 @@ class Tracker:
         except Exception:
             pass
 
-    @property
-    def active(self) -> bool:
-        return self.run is not None
-
     def _write(self, kind: str, step: int, row: dict) -> None:
         if self.jsonl:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -109,6 +105,15 @@ class Tracker:
     def log_event(self, kind: str, step: int) -> None:
         """A point in the run's timeline (a checkpoint save): metrics.jsonl only."""
         self._write(kind, step, {})
+
+    def abort(self) -> None:
+        """The run ended with an error: close the metrics file and mark the W&B run failed (no-op after
+        finish)."""
+        if self.jsonl:
+            self.jsonl.close()
+            self.jsonl = None
+        self._close_quietly()
+        self.run = None
 
     def finish(self, summary: dict, table_row: list, artifacts: list[Path] = ()) -> None:
         if self.jsonl:

@@ -1,0 +1,173 @@
+"""The Plan: a table of flag sets, launch environments and machines -> the decisions or the error, in-process.
+
+No process is launched and no engine built: every decision a launch makes before its first step is checked
+here in milliseconds, on machines described by their facts (a CPU, an H200, a V100), whatever machine runs
+the tests.
+"""
+
+import json
+
+import pytest
+from conftest import REPO
+
+import train_vit
+from vitbench import checkpoint, plan
+from vitbench.errors import UserError
+from vitbench.runinfo import MachineFacts
+
+CPU = MachineFacts("cpu", "a CPU without fp16", None, fp16=False, bf16=True, autocast=True, cpus=2)
+H200 = MachineFacts("cuda", "NVIDIA H200", (9, 0), fp16=True, bf16=True, autocast=True, cpus=64)
+V100 = MachineFacts("cuda", "Tesla V100-SXM2-32GB", (7, 0), fp16=True, bf16=False, autocast=True, cpus=40)
+ONE = {"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+ONE_NODE_8 = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}
+TWO_NODES_8 = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--model-kwargs", "depth=2"]
+
+
+def make(demo_shards, flags, environ=ONE, machine=H200, **kw):
+    args = train_vit.parse_args(["--data-dir", str(demo_shards), *TINY, *flags])
+    return plan.make_plan(args, environ, machine, REPO, **kw)
+
+
+# (flags, environment, machine) -> the Plan's fields: FlagPerf's recipe on each layout, one recipe for every row
+DECIDED = [
+    ([], ONE, H200, dict(grad_accum=16, lr=3e-3, zero_stage=1, world_size=1, nnodes=1)),
+    ([], ONE_NODE_8, H200, dict(grad_accum=2, nnodes=1, nproc_per_node=8)),
+    ([], TWO_NODES_8, H200, dict(grad_accum=1, nnodes=2, nproc_per_node=8, world_size=16)),
+    (["--global-batch-size", "2048"], ONE_NODE_8, H200, dict(grad_accum=1, lr=3e-3 * 2048 / 4096)),
+    (["--lr", "0.5", "--zero-stage", "3"], ONE, H200, dict(lr=0.5, zero_stage=3)),
+    (["--max-steps", "3", "--epochs", "300"], ONE, H200, dict(total_steps=3)),
+    (["--global-batch-size", "16", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "0.5"], ONE, CPU,
+     dict(steps_per_epoch=120 // 16, total_steps=2 * (120 // 16), warmup_steps=round(0.5 * (120 // 16)))),
+]
+
+
+@pytest.mark.parametrize("flags, environ, machine, expected", DECIDED)
+def test_the_plan_decides_layout_batch_and_schedule_once(demo_shards, flags, environ, machine, expected):
+    p = make(demo_shards, flags, environ, machine)
+    assert {k: getattr(p, k) for k in expected} == pytest.approx(expected)
+    assert p.ds_config["gradient_accumulation_steps"] == p.grad_accum
+    assert p.ds_config["train_batch_size"] == p.grad_accum * p.loader.batch_size * p.world_size
+    assert p.model_kwargs == {"num_classes": 10, "img_size": 32, "depth": 2, "patch_size": 8}
+
+
+@pytest.mark.parametrize("label, machine, spec", [
+    ("fp32", CPU, dict(param_dtype="torch.float32", tf32=False, loss_scaler=None, autocast=False)),
+    ("tf32", H200, dict(param_dtype="torch.float32", tf32=True, peak_class="tf32")),
+    ("amp", CPU, dict(param_dtype="torch.float32", compute_dtype="torch.float16", autocast=True,
+                      loss_scaler="torch.amp.GradScaler")),
+    ("fp16", V100, dict(param_dtype="torch.float16", loss_scaler="deepspeed")),
+    ("bf16", H200, dict(param_dtype="torch.bfloat16", compute_dtype="torch.bfloat16", loss_scaler=None)),
+])
+def test_what_a_precision_label_means_is_one_spec_and_the_deepspeed_config_follows_it(demo_shards, label,
+                                                                                       machine, spec):
+    p = make(demo_shards, ["--precision", label], machine=machine)
+    assert {k: p.precision.to_json()[k] for k in spec} == spec
+    ds = p.ds_config
+    assert ds["fp16"]["enabled"] == (label == "fp16") and ds["bf16"]["enabled"] == (label == "bf16")
+    assert ds["torch_autocast"]["enabled"] == (label == "amp")
+    assert p.precision.input_dtype == p.precision.param_dtype
+
+
+@pytest.mark.parametrize("flags, environ, machine, message", [
+    (["--precision", "tf32"], ONE, CPU, "--precision tf32 needs an NVIDIA GPU with TF32"),
+    (["--precision", "tf32"], ONE, V100, "Ampere or newer"),
+    (["--precision", "bf16"], ONE, V100, "--precision bf16 is not supported on DeepSpeed's 'cuda'"),
+    (["--precision", "fp16"], ONE, CPU, "--precision fp16 needs fp16 weights"),
+    (["--global-batch-size", "20", "--batch-size", "8"], ONE, CPU, "not a multiple of --batch-size 8 x 1"),
+    (["--global-batch-size", "4096"], TWO_NODES_8, H200, None),  # 256 x 16 divides 4096: no error
+    (["--global-batch-size", "2048"], TWO_NODES_8, H200, "not a multiple of --batch-size 256 x 16 devices"),
+    (["--batch-size", "7", "--global-batch-size", "7"], ONE, CPU, "mixup/cutmix need an even --batch-size"),
+    (["--model", "vit_nonexistent"], ONE, CPU, "unknown model 'vit_nonexistent'"),
+    (["--model-kwargs", "img_size=64"], ONE, CPU, "img_size=... is set by --img-size"),
+    (["--model-kwargs", "num_classes=5"], ONE, CPU, "num_classes=... is set by the data's _info.json"),
+    (["--model-kwargs", "depth=two"], ONE, CPU, "--model vit_tiny_patch16_224 with"),
+    (["--resume", "auto"], ONE, CPU, "--resume auto needs the run's --output-dir"),
+    (["--loader", "dali", "--aa", "augmix-m5"], ONE, CPU, "supports RandAugment policies"),
+    (["--deepspeed-config", "/nonexistent/ds.json"], ONE, CPU, "/nonexistent/ds.json: DeepSpeed config not found"),
+])
+def test_what_cannot_run_is_refused_by_the_plan_naming_the_flag(demo_shards, flags, environ, machine, message):
+    if message is None:
+        make(demo_shards, flags, environ, machine)
+        return
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        make(demo_shards, flags, environ, machine)
+
+
+def test_a_missing_data_dir_and_a_contradicting_config_name_the_file(demo_shards, tmp_path):
+    args = train_vit.parse_args(["--data-dir", str(tmp_path / "none"), *TINY])
+    with pytest.raises(UserError, match=f"{tmp_path}/none/_info.json: not found"):
+        plan.make_plan(args, ONE, CPU, REPO)
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 4}))
+    with pytest.raises(UserError, match=f"{cfg}: gradient_accumulation_steps=4 contradicts the flags"):
+        make(demo_shards, ["--deepspeed-config", str(cfg)], machine=CPU)
+
+
+def test_the_launch_config_and_the_flag_choose_the_deepspeed_config(demo_shards):
+    zero3 = {**ONE, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "ds_configs" / "zero3.json")}
+    assert make(demo_shards, [], zero3).zero_stage == 3
+    assert make(demo_shards, ["--deepspeed-config", str(REPO / "ds_configs" / "zero2.json")], zero3).zero_stage == 2
+    assert make(demo_shards, ["--zero-stage", "0"], zero3).zero_stage == 0
+
+
+def test_loader_workers_come_from_the_usable_cpus_and_oversubscription_is_warned(demo_shards):
+    assert make(demo_shards, [], ONE_NODE_8, H200).loader.workers == 64 // 8 - 1
+    assert make(demo_shards, [], ONE, CPU).loader.workers == 1
+    assert make(demo_shards, [], ONE, H200).loader.workers == plan.MAX_DEFAULT_WORKERS
+    assert not make(demo_shards, [], ONE_NODE_8, H200).warnings
+    crowded = make(demo_shards, ["--workers", "16"], ONE_NODE_8, H200)
+    assert crowded.loader.workers == 16 and "8 ranks x 16 loader workers on 64 usable CPUs" in crowded.warnings[0]
+
+
+def test_resume_target_and_layout_are_decided_from_the_checkpoint_directory(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    assert make(demo_shards, ["--output-dir", str(out), "--resume", "auto"]).resume_from is None  # nothing yet
+    ckpt = out / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    marker = {"step": 4, "world_size": 8, "zero_stage": 1, "global_batch_size": 4096, "precision": "amp"}
+    (ckpt / checkpoint.MARKER).write_text(json.dumps({**marker, "files": {}}))
+    p = make(demo_shards, ["--output-dir", str(out), "--resume", "auto"], ONE_NODE_8)
+    assert (p.resume_from, p.universal) == (ckpt, False)
+    fewer = make(demo_shards, ["--output-dir", str(out), "--resume", "auto"], {"WORLD_SIZE": "4",
+                                                                               "LOCAL_WORLD_SIZE": "4"})
+    assert fewer.universal and fewer.ds_config["checkpoint"] == {"load_universal": True}
+    with pytest.raises(UserError, match="--precision amp, this launch has --precision bf16"):
+        make(demo_shards, ["--output-dir", str(out), "--resume", "auto", "--precision", "bf16"], ONE_NODE_8)
+
+
+def test_the_plan_is_recorded_as_json_and_frozen(demo_shards):
+    p = make(demo_shards, ["--run-name", "r1"])
+    record = json.loads(json.dumps(p.to_json()))
+    assert record["precision"]["label"] == "amp" and record["loader"]["kind"] == "wds"
+    assert record["data"]["train_samples"] == 120 and record["grad_accum_steps"] == p.grad_accum
+    assert p.run_dir("ignored", REPO) == REPO / "runs" / "r1"
+    with pytest.raises(AttributeError):
+        p.lr = 1.0
+
+
+# ---- flags: checked at parse time, before the Plan ---------------------------------------------------
+@pytest.mark.parametrize("flag, value", [
+    ("--batch-size", "0"), ("--global-batch-size", "0"), ("--epochs", "0"), ("--max-steps", "0"),
+    ("--eval-every", "0"), ("--log-interval", "0"), ("--checkpoint-every", "-1"), ("--keep-checkpoints", "0"),
+    ("--eval-batch-size", "0"), ("--workers", "-1"), ("--lr", "0"), ("--profile-steps", "5:5"),
+    ("--profile-steps", "3:1"), ("--profile-steps", "x"), ("--model-kwargs", "depth"),
+    ("--lr", "nan"), ("--warmup-epochs", "nan"), ("--warmup-epochs", "inf"), ("--weight-decay", "nan"),
+    ("--smoothing", "1.5"), ("--smoothing", "nan"), ("--clip-grad", "nan"), ("--min-lr", "inf"),
+    ("--target-acc1", "nan"), ("--mixup", "-1"),
+])
+def test_bad_flag_is_one_line_at_parse_time(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        train_vit.parse_args([flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and err[0].startswith("error:")
+
+
+def test_demo_fills_in_only_what_was_not_typed():
+    args = train_vit.parse_args(["--demo", "--precision", "amp", "--wandb", "online"])
+    assert (args.precision, args.wandb) == ("amp", "online")
+    assert (args.model, args.img_size) == (train_vit.DEMO["model"], train_vit.DEMO["img_size"])
+    assert args.fix_hp["model"] == train_vit.DEMO["model"] and "lr" in args.fix_hp  # changed from the recipe
+    assert "precision" not in args.fix_hp  # not a recipe flag
+

@@ -1,0 +1,72 @@
+"""`--loader`: what a train loader is to the trainer (TrainLoader), what a flag set asks of it (LoaderSpec),
+and the one place that turns the spec into one of the two implementations:
+
+  wds   vitbench.data.WdsTrainLoader: our shard reader + PIL/timm transforms in DataLoader worker processes
+  dali  vitbench.dali_loader.DaliTrainLoader: NVIDIA DALI (nvjpeg + GPU augmentation; CPU operators on a CPU)
+
+Both hand the trainer full uint8 NCHW micro-batches as dicts {"images", "labels", "keys", "skipped"}; the
+trainer never asks which one it has.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from typing import Iterator, Protocol
+
+from vitbench.data import DataError, ShardSet
+
+LOADERS = ("wds", "dali")
+
+
+class TrainLoader(Protocol):
+    epoch_sampling: str  # results.json: how an epoch's samples were drawn (data.PERMUTED, RESAMPLED, dali-sharded)
+
+    def batches(self, n: int) -> Iterator[dict]:
+        """The next N micro-batches of this rank's stream, each exactly the micro-batch size."""
+
+    def close(self) -> None:
+        """Stop worker processes or threads; the loader is not used again."""
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    kind: str  # one of LOADERS
+    workers: int  # DataLoader processes (wds) or DALI threads per rank
+    batch_size: int
+    repeats: int  # repeated augmentation: copies of each decoded image
+    auto_augment: str | None
+    img_size: int
+
+    def check(self) -> None:
+        """What can be wrong with the loader before any work: DALI installed, the policy one DALI has."""
+        if self.kind == "dali":
+            from vitbench.dali_loader import rand_augment_args
+
+            if importlib.util.find_spec("nvidia.dali") is None:
+                raise DataError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda130; `make setup` "
+                                "installs it)")
+            rand_augment_args(self.auto_augment)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def build(spec: LoaderSpec, shards: ShardSet, *, rank: int, world_size: int, seed: int, epoch: int,
+          step_in_epoch: int, step: int, steps_per_epoch: int, grad_accum: int, device) -> TrainLoader:
+    """This rank's train loader for the rest of the launch, which starts at STEP_IN_EPOCH of EPOCH after STEP
+    optimizer steps; an epoch is STEPS_PER_EPOCH steps of GRAD_ACCUM micro-batches."""
+    if spec.kind == "dali":  # the pipeline is built here, once per launch (it opens every train shard)
+        from vitbench.dali_loader import DaliTrainLoader
+
+        return DaliTrainLoader(shards, spec.img_size, spec.auto_augment, spec.batch_size, rank=rank,
+                               world_size=world_size, threads=spec.workers, seed=seed + 1000 * step,
+                               repeats=spec.repeats, device=device)
+    from vitbench import data
+
+    return data.WdsTrainLoader(data.train_loader(
+        shards, data.train_transform(spec.img_size, spec.auto_augment), spec.batch_size,
+        (steps_per_epoch - step_in_epoch) * grad_accum, rank=rank, world_size=world_size, workers=spec.workers,
+        seed=seed, epoch=epoch, resume_step=step_in_epoch, repeats=spec.repeats,
+        steps_per_epoch=steps_per_epoch * grad_accum, pin_memory=device.type == "cuda"),
+        data.epoch_sampling(len(shards.urls), world_size, spec.workers, spec.repeats))

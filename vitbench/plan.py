@@ -1,0 +1,155 @@
+"""The Plan: every decision a launch makes, made once, before any heavy work.
+
+`make_plan` is one function of the flags, the launcher's environment, the machine's facts, the data
+directory and the checkpoint directory. It only reads; it raises a UserError subclass naming the flag, file
+or checkpoint that is wrong, and the command-line edge turns that into one line and exit status 2. What it
+returns is frozen: the trainer creates objects from it and never decides again. `results.json` records it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitbench import checkpoint, data, dsconfig
+from vitbench.errors import UserError
+from vitbench.loaders import LoaderSpec
+from vitbench.precision import SPECS, PrecisionSpec
+from vitbench.runinfo import MachineFacts, layout
+
+MAX_DEFAULT_WORKERS = 16  # JPEG decoding needs many cores per GPU (FlagPerf uses 16)
+# timm create_model arguments that flags own: setting them through --model-kwargs would contradict a flag.
+FLAG_OWNED_MODEL_KWARGS = {"num_classes": "the data's _info.json", "img_size": "--img-size",
+                           "patch_size": "--patch-size"}
+
+
+class PlanError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    nnodes: int
+    nproc_per_node: int
+    model: str
+    model_kwargs: dict  # everything timm.create_model gets besides the name
+    img_size: int
+    n_params: int
+    precision: PrecisionSpec
+    loader: LoaderSpec
+    train: data.ShardSet = field(repr=False)
+    val: data.ShardSet = field(repr=False)
+    ds_config: dict = field(repr=False)
+    zero_stage: int = 0
+    grad_accum: int = 1
+    lr: float = 0.0
+    steps_per_epoch: int = 1
+    total_steps: int = 1
+    warmup_steps: int = 0
+    run_name: str | None = None  # None: a default name with a timestamp, agreed by the ranks at start
+    output_dir: Path | None = None  # None: runs/<run name>
+    resume_from: Path | None = None
+    universal: bool = False  # resume through DeepSpeed's universal checkpoint (the layout changed)
+    fix_hp: dict = field(default_factory=dict)  # recipe flags this launch changed (the table's fix_hp)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def layout(self) -> dict:
+        return {"world_size": self.world_size, "nnodes": self.nnodes, "nproc_per_node": self.nproc_per_node}
+
+    def default_run_name(self, timestamp: str) -> str:
+        return f"{self.model}_{self.nnodes}x{self.nproc_per_node}_{self.precision.label}_z{self.zero_stage}_{timestamp}"
+
+    def run_dir(self, run_name: str, repo: Path) -> Path:
+        return self.output_dir or Path(repo) / "runs" / run_name
+
+    def to_json(self) -> dict:
+        return {**self.layout, "model": self.model, "model_kwargs": self.model_kwargs, "img_size": self.img_size,
+                "n_params": self.n_params, "precision": self.precision.to_json(), "loader": self.loader.to_json(),
+                "data": {"train_shards": len(self.train.urls), "train_samples": self.train.num_samples,
+                         "validation_shards": len(self.val.urls), "validation_samples": self.val.num_samples,
+                         "num_classes": self.train.num_classes},
+                "deepspeed_config": self.ds_config, "zero_stage": self.zero_stage, "grad_accum_steps": self.grad_accum,
+                "lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "output_dir": str(self.output_dir) if self.output_dir else None,
+                "resume_from": str(self.resume_from) if self.resume_from else None, "universal": self.universal,
+                "fix_hp": self.fix_hp, "warnings": list(self.warnings)}
+
+
+def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
+    """The Plan for ARGS (train_vit.py's parsed flags) under the launcher's ENVIRON on MACHINE."""
+    lay = layout(environ)
+    world, per_node = lay["world_size"], lay["nproc_per_node"]
+    warnings = []
+    per_step = args.batch_size * world
+    if args.global_batch_size % per_step:
+        raise PlanError(f"--global-batch-size {args.global_batch_size} is not a multiple of --batch-size "
+                        f"{args.batch_size} x {world} devices")
+    if (args.mixup or args.cutmix) and args.batch_size % 2:
+        raise PlanError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    if args.resume == "auto" and not (args.output_dir or args.run_name):
+        raise PlanError("--resume auto needs the run's --output-dir (or --run-name): default run names carry a "
+                        "timestamp")
+    workers = args.workers if args.workers is not None else \
+        max(1, min(MAX_DEFAULT_WORKERS, machine.cpus // per_node - 1))
+    if per_node * max(workers, 1) > machine.cpus:
+        warnings.append(f"{per_node} ranks x {workers} loader workers on {machine.cpus} usable CPUs: the loaders "
+                        "will compete for cores (lower --workers, or give the job more CPUs)")
+    precision = SPECS[args.precision]
+    precision.check_supported(machine)
+    loader = LoaderSpec(args.loader, workers, args.batch_size, args.aug_repeats, args.aa or None,
+                        args.img_size or 224)
+    loader.check()
+    train, val = data.load_split(args.data_dir, "train"), data.load_split(args.data_dir, "validation")
+    model_kwargs, n_params = _model(args, train.num_classes)
+    ds_config = dsconfig.build(dsconfig.config_path(args.deepspeed_config, environ), micro_batch=args.batch_size,
+                               grad_accum=args.global_batch_size // per_step, world_size=world,
+                               clip_grad=args.clip_grad, precision=precision, zero_stage=args.zero_stage,
+                               throughput_timer=args.deepspeed_throughput_timer)
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    output_dir = Path(args.output_dir) if args.output_dir else \
+        Path(repo) / "runs" / args.run_name if args.run_name else None
+    resume_from = checkpoint.resolve_resume(args.resume, output_dir / "checkpoints" if output_dir else None,
+                                            log=warnings.append)
+    universal = resume_from is not None and checkpoint.check_layout(
+        checkpoint.read_marker(resume_from), world_size=world, zero_stage=zero_stage,
+        global_batch=args.global_batch_size, precision=args.precision)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    steps_per_epoch = max(1, train.num_samples // args.global_batch_size)
+    return Plan(
+        **lay, model=args.model, model_kwargs=model_kwargs, img_size=loader.img_size, n_params=n_params,
+        precision=precision, loader=loader, train=train, val=val, ds_config=ds_config, zero_stage=zero_stage,
+        grad_accum=ds_config["gradient_accumulation_steps"],
+        lr=args.lr or args.lr_base * args.global_batch_size / args.lr_base_size,
+        steps_per_epoch=steps_per_epoch, total_steps=min(args.epochs * steps_per_epoch, args.max_steps or math.inf),
+        warmup_steps=round(args.warmup_epochs * steps_per_epoch), run_name=args.run_name, output_dir=output_dir,
+        resume_from=resume_from, universal=universal, fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
+
+
+def _model(args, num_classes: int) -> tuple[dict, int]:
+    """timm.create_model's arguments, tried on the meta device (no memory, no compute) so that a bad name or
+    argument is refused at start; and the parameter count."""
+    import timm
+    import torch
+
+    if not timm.is_model(args.model):
+        raise PlanError(f"unknown model '{args.model}' (see timm.list_models())")
+    clash = sorted(set(args.model_kwargs) & set(FLAG_OWNED_MODEL_KWARGS))
+    if clash:
+        raise PlanError(f"--model-kwargs {clash[0]}=... is set by {FLAG_OWNED_MODEL_KWARGS[clash[0]]}; use that "
+                        "instead")
+    kwargs = dict(num_classes=num_classes, img_size=args.img_size or 224, **args.model_kwargs)
+    if args.patch_size:
+        kwargs["patch_size"] = args.patch_size
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(args.model, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as e:
+        raise PlanError(f"--model {args.model} with {kwargs}: {type(e).__name__}: {e}") from None
+    return kwargs, sum(p.numel() for p in model.parameters())
+
+
+
