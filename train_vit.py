@@ -213,8 +213,9 @@ def _add_recipe_flags(g) -> None:
 
 
 def _add_system_flags(g) -> None:
-    g.add_argument("--precision", choices=precision.PRECISIONS, default="amp",
-                   help="fp32 | tf32 | amp (fp16 autocast + loss scaling) | fp16 | bf16 (default: %(default)s)")
+    g.add_argument("--precision", choices=precision.PRECISIONS, default=None,
+                   help="fp32 | tf32 | amp (fp16 autocast + loss scaling) | fp16 | bf16 (default: amp on one node; "
+                        "bf16 across nodes where the device has it: its gradients cross the network in half the bytes)")
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                    help="override the ZeRO stage of the DeepSpeed config")
     g.add_argument("--deepspeed-config", default=None,
@@ -222,6 +223,9 @@ def _add_system_flags(g) -> None:
     g.add_argument("--eval-batch-size", type=POS, default=512)
     g.add_argument("--eval-every", type=POS, default=1, help="evaluate every N epochs (and at the end)")
     g.add_argument("--max-steps", type=POS, default=None, help="stop after N optimizer steps")
+    g.add_argument("--nccl-busbw", type=POS_FLOAT, default=None, metavar="GB/S",
+                   help="all_reduce bus bandwidth measured with nccl-tests across this run's nodes, recorded in "
+                        "results.json beside the scaling figures (README: before the first 2x8 run)")
     g.add_argument("--deepspeed-throughput-timer", action="store_true",
                    help="also run DeepSpeed's ThroughputTimer (a second opinion on p_core; it synchronizes the "
                         "device every step: for benchmarks only)")
@@ -633,14 +637,14 @@ def finish(run: Run) -> dict:
         "run_name": run.run_name, **plan.layout, "precision": plan.precision.label, "zero_stage": plan.zero_stage,
         "global_batch_size": run.args.global_batch_size, "global_step": state.step,
         "resumed_from_step": run.resumed_from_step, "epochs_done": state.epoch, "interrupted": run.interrupted,
-        "loader": plan.loader.kind, "epoch_sampling": run.loader.epoch_sampling,
+        "loader": plan.loader.kind, "epoch_sampling": run.loader.epoch_sampling, "pass_coverage": plan.pass_coverage,
         "eval_samples": final[M.EVAL_SAMPLES] if final else 0, "val_num_samples": plan.val.num_samples,
         "final_acc1": final[M.ACC1] if final else None, "final_acc5": final[M.ACC5] if final else None,
         "val_loss": final[M.VAL_LOSS] if final else None, "reached_target": run.reached_target,
         "skipped_corrupt": {"train": train_skipped, "validation": final["skipped"] if final else 0},
         "e2e_time": e2e, **timing,
         "mem": f"{timing['mem_used_gib']:.1f}/{timing['mem_total_gib']:.1f}" if "mem_used_gib" in timing else None,
-        "fix_hp": plan.fix_hp,
+        "fix_hp": plan.fix_hp, "nccl_busbw_gbps": run.args.nccl_busbw,
         "precision_in_effect": precision.in_effect(run.engine, run.logits_dtype),
         "replica_checksums": replica_checksums(run.engine, plan.zero_stage),
         "evals": run.evals, "environment": run.env, "config": run.config, "plan": plan.to_json(),

@@ -132,6 +132,7 @@ def test_committed_launch_configs_load_as_accelerate_reads_them(name, machines, 
     assert cfg.distributed_type == "DEEPSPEED" and not cfg.use_cpu
     assert (cfg.num_machines, cfg.num_processes) == (machines, processes)
     assert (DS_CONFIG_DIR.parent / cfg.deepspeed_config["deepspeed_config_file"]).is_file()
+    assert cfg.enable_cpu_affinity == (not name.startswith("cpu"))  # GPU ranks pinned to their NUMA node
     if machines > 1:  # torchrun on every node: no ssh/pdsh
         assert cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
 

@@ -1,6 +1,6 @@
 """Fault suite, run side: preemption signals, a killed launcher, damaged checkpoints, resume on fewer
-processes, a full disk, two runs in one directory, non-finite losses and a read-only output directory. Real `accelerate launch`
-+ DeepSpeed (gloo), real signals, real filesystems (tmpfs for a full or read-only disk)."""
+processes, a full disk, two runs in one directory, non-finite losses and a read-only output directory. Real
+`accelerate launch` + DeepSpeed (gloo), real signals, real filesystems (tmpfs for a full or read-only disk)."""
 
 import os
 import signal

@@ -16,8 +16,9 @@ from vitbench.errors import UserError
 from vitbench.runinfo import MachineFacts
 
 CPU = MachineFacts("cpu", "a CPU without fp16", None, fp16=False, bf16=True, autocast=True, cpus=2)
-H200 = MachineFacts("cuda", "NVIDIA H200", (9, 0), fp16=True, bf16=True, autocast=True, cpus=64)
-V100 = MachineFacts("cuda", "Tesla V100-SXM2-32GB", (7, 0), fp16=True, bf16=False, autocast=True, cpus=40)
+H200 = MachineFacts("cuda", "NVIDIA H200", (9, 0), fp16=True, bf16=True, autocast=True, cpus=64, host_ip="10.1.2.3")
+V100 = MachineFacts("cuda", "Tesla V100-SXM2-32GB", (7, 0), fp16=True, bf16=False, autocast=True, cpus=40,
+                    host_ip="10.1.2.4")
 ONE = {"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
 ONE_NODE_8 = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}
 TWO_NODES_8 = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
@@ -171,3 +172,39 @@ def test_demo_fills_in_only_what_was_not_typed():
     assert args.fix_hp["model"] == train_vit.DEMO["model"] and "lr" in args.fix_hp  # changed from the recipe
     assert "precision" not in args.fix_hp  # not a recipe flag
 
+
+@pytest.mark.parametrize("environ, machine, label", [(ONE, H200, "amp"), (ONE_NODE_8, H200, "amp"),
+                                                     (TWO_NODES_8, H200, "bf16"), (TWO_NODES_8, V100, "amp")])
+def test_without_precision_one_node_runs_amp_and_several_nodes_run_bf16_where_the_device_has_it(
+        demo_shards, environ, machine, label):
+    args = train_vit.parse_args(["--data-dir", str(demo_shards), *TINY])
+    assert args.precision is None
+    p = plan.make_plan(args, environ, machine, REPO)
+    assert p.precision.label == label
+    assert make(demo_shards, ["--precision", "fp32"], environ, machine).precision.label == "fp32"  # typed wins
+
+
+def test_a_multi_node_launch_whose_hostname_is_loopback_is_refused_naming_the_variable(demo_shards):
+    from dataclasses import replace
+
+    loopback = replace(H200, host_ip="127.0.1.1")  # Debian's /etc/hosts default for the machine's own name
+    with pytest.raises(UserError, match="resolves to the loopback address 127.0.1.1.*set GLOO_SOCKET_IFNAME"):
+        make(demo_shards, [], TWO_NODES_8, loopback)
+    assert make(demo_shards, [], {**TWO_NODES_8, "GLOO_SOCKET_IFNAME": "ib0"}, loopback).nnodes == 2
+    assert make(demo_shards, [], ONE_NODE_8, loopback).nnodes == 1  # one node: loopback is where its ranks are
+
+
+def test_dali_on_many_ranks_without_index_files_is_warned(demo_shards):
+    pytest.importorskip("nvidia.dali")
+    warned = make(demo_shards, ["--loader", "dali"], ONE_NODE_8, H200).warnings
+    assert any("--dali-index" in w for w in warned)
+    assert not any("--dali-index" in w for w in make(demo_shards, ["--loader", "dali"], ONE, H200).warnings)
+
+
+
+def test_the_plan_says_how_much_of_the_split_a_pass_reads(demo_shards):
+    p = make(demo_shards, ["--batch-size", "8", "--global-batch-size", "16", "--workers", "1"], ONE, CPU)
+    # every shard is dealt out; what a pass leaves unread is what its whole steps do not ask for
+    assert p.pass_coverage == pytest.approx(p.steps_per_epoch * 16 / 120)
+    # too few shards for 8 ranks x 16 workers: epochs resample shards (results.json's epoch_sampling says so)
+    assert make(demo_shards, ["--workers", "16"], ONE_NODE_8, H200).pass_coverage is None

@@ -3,6 +3,7 @@
 import pytest
 
 from vitbench import metrics as M
+from vitbench.precision import SPECS
 from vitbench.profiler import StepProfiler, peak_tflops, train_flops_per_sample
 
 
@@ -134,12 +135,14 @@ def test_interval_rows_leave_pauses_out_and_take_the_slowest_rank():
         clock.advance(100.0)
     row = prof.interval_row()
     # One all-reduce per row carries this rank's figures: data wait, compute, wall (pause left out), memory.
-    assert reduce_max.calls == [[5.0, 15.0, 20.0, 1.5]]
+    # (compute and data wait negated too: their minimum over ranks, in the same all-reduce)
+    assert reduce_max.calls == [[5.0, 15.0, 20.0, 1.5, -5.0, -15.0]]
     assert row[M.THROUGHPUT] == pytest.approx(50 / 20.0)
     assert row[M.THROUGHPUT_PER_DEVICE] == pytest.approx(50 / 20.0 / 2)
     assert row[M.STEP_TIME] == pytest.approx(4.0)
     assert row[M.DATA_WAIT] == pytest.approx(3.0)
     assert row[M.DATA_WAIT_PCT] == pytest.approx(100 * 15.0 / 20.0)
+    assert row[M.DATA_WAIT_FASTEST] == pytest.approx(1.0) and row[M.COMPUTE_TIME_FASTEST] == pytest.approx(3.0)
     assert row[M.MEM_HOST_RSS] == 1.5
     run_steps(prof, clock, 2, data=0.0, compute=1.0, other=0.0)
     assert prof.interval_row()[M.STEP_TIME] == pytest.approx(1.0)  # only steps since the previous row
@@ -161,6 +164,7 @@ def test_summary_takes_every_window_from_the_slowest_rank_pauses_included():
     assert s["eval_time"] == pytest.approx(10.0) and s["checkpoint_time"] == pytest.approx(2.0)
     assert s["train_time"] == pytest.approx(2 * (9.0 + 6.0))
     assert s["compute_time"] == pytest.approx(12.0) and s["data_wait_time"] == pytest.approx(6.0)
+    assert s["compute_time_fastest_rank"] == pytest.approx(6.0) and s["data_wait_time_fastest_rank"] == 3.0
     assert s["p_train"] == pytest.approx(12 / (2 * 9.0))
     assert s["mem_used_gib"] == 2.0
 
@@ -186,14 +190,38 @@ def test_mfu_uses_flops_and_the_device_peak():
     row = prof.interval_row()
     assert row[M.TFLOPS_PER_DEVICE] == pytest.approx(100 * 1e12 / 1.0 / 4 / 1e12)
     assert row[M.MFU] == pytest.approx(100 * 25.0 / 50.0)
+    run_steps(prof, clock, 2, data=0.0, compute=2.0, other=0.0)  # slower steps after the first row
+    prof.train_end()
+    s = prof.summary()
+    assert s["mfu_core(%)"] == pytest.approx(100 * (1e12 * 400 / 6.0 / 4 / 1e12) / 50.0)
+    assert s["mfu_train(%)"] == pytest.approx(s["mfu_core(%)"])  # no data wait, nothing else in the window
+
+
+def test_steady_mfu_leaves_the_warmup_steps_out():
+    clock = FakeClock()
+    prof = StepProfiler(global_batch=100, world_size=1, warmup_steps=2, clock=clock, flops_per_sample=1e12,
+                        peak_tflops_per_device=1000.0)
+    prof.train_start()
+    run_steps(prof, clock, 2, data=0.0, compute=10.0, other=0.0)  # warm-up: compilation, allocator growth
+    run_steps(prof, clock, 3, data=1.0, compute=1.0, other=0.0)
+    prof.train_end()
+    s = prof.summary()
+    assert s["mfu_core_steady(%)"] == pytest.approx(100 * (100 / 1.0) / 1000.0)
+    assert s["mfu_train_steady(%)"] == pytest.approx(100 * (100 / 2.0) / 1000.0)
+    assert s["mfu_core(%)"] < s["mfu_core_steady(%)"]
 
 
 def test_peak_table_carries_its_source():
-    assert peak_tflops("NVIDIA A100-SXM4-40GB", "amp")[0] == 312.0
-    assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == (19.5, "NVIDIA A100 datasheet, dense")
-    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == (756.0, "NVIDIA H100 datasheet, PCIe, dense")
-    assert peak_tflops("NVIDIA H200", "tf32")[0] == 494.7 and "H200" in peak_tflops("NVIDIA H200", "tf32")[1]
-    assert peak_tflops(None, "fp32") == (None, None)  # CPUs: no MFU rather than an invented peak
+    def peak(name, label):
+        return peak_tflops(name, SPECS[label].peak_class)
+
+    assert peak("NVIDIA A100-SXM4-40GB", "amp")[0] == 312.0
+    assert peak("NVIDIA A100-SXM4-40GB", "fp32") == (19.5, "NVIDIA A100 datasheet, dense")
+    assert peak("NVIDIA H100 PCIe", "bf16") == (756.0, "NVIDIA H100 datasheet, PCIe, dense")
+    assert peak("NVIDIA H200", "tf32")[0] == 494.7 and "H200" in peak("NVIDIA H200", "tf32")[1]
+    assert peak("NVIDIA H200 NVL", "bf16") == (835.5, "NVIDIA H200 NVL datasheet, dense")  # not the SXM row
+    assert peak("NVIDIA H100 NVL", "fp16")[0] == 835.5
+    assert peak(None, "fp32") == (None, None)  # CPUs: no MFU rather than an invented peak
 
 
 def test_flop_counter_matches_vit_arithmetic():

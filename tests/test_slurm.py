@@ -56,7 +56,7 @@ class Cluster:
         self.conf = root / "slurm.conf"
         memory = psutil.virtual_memory().total // 2**20 - 1024
         self.conf.write_text("\n".join([
-            f"ClusterName=vitbench-test", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
+            "ClusterName=vitbench-test", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}", "MailProg=/bin/true",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={root}/munge.sock",
             f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
@@ -147,7 +147,8 @@ def test_preempted_job_checkpoints_requeues_resumes_and_trains_no_step_twice(clu
         ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",
          f"--output={log}", str(REPO / "slurm" / "2x8.sbatch"),
          *TINY, "--data-dir", str(demo_shards), "--batch-size", "8", "--global-batch-size", "16", "--mixup", "0",
-         "--cutmix", "0", "--epochs", str(epochs), "--eval-every", str(epochs), "--log-interval", "1", "--wandb", "off"],
+         "--cutmix", "0", "--epochs", str(epochs), "--eval-every", str(epochs), "--log-interval", "1",
+         "--wandb", "off"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]

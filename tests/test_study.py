@@ -113,3 +113,17 @@ def test_report_has_the_table_the_timelines_and_each_runs_environment(runs, repo
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (out / image).is_file(), image
     assert json.loads((runs["a_1p_fp32_z1"] / "results.json").read_text())["run_name"] == "a_1p_fp32_z1"
+
+
+def test_stragglers_show_each_multi_rank_runs_slowest_and_fastest_rank(runs, report):
+    _, text = report
+    table = section(text, "Stragglers")
+    for name, run_dir in runs.items():
+        r = results(run_dir)
+        listed = any(line.startswith(f"| {study.run_label(r)} |") for line in table.splitlines())
+        assert listed == (r["world_size"] > 1), name
+        if r["world_size"] > 1:
+            assert 0 < r["compute_time_fastest_rank"] <= r["compute_time"]
+            assert 0 <= r["data_wait_time_fastest_rank"] <= r["data_wait_time"]
+            ms = 1000 * r["compute_time"] / (r["train_samples"] // r["global_batch_size"])
+            assert f"| {study.run_label(r)} | {ms:.1f} |" in table

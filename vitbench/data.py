@@ -244,7 +244,7 @@ def _train_shard_samples(shards, log: _SkipLog):
     failed = []
     for shard in shards:
         got = False
-        for sample in tar_samples(shard["url"], log):
+        for sample in _segment(tar_samples(shard["url"], log), shard.get("first", 0), shard.get("end")):
             got = True
             yield sample
         if got:
@@ -259,6 +259,14 @@ def _train_shard_samples(shards, log: _SkipLog):
                             "with `shards/prep_shards.py --verify` or re-make it")
 
 
+def _segment(samples, first: int, end: int | None):
+    """Samples FIRST..END-1 of a shard's samples (to its end with END None); those before FIRST are read past
+    without decoding."""
+    from itertools import islice
+
+    return islice(samples, first, end)
+
+
 PERMUTED, RESAMPLED = "permuted", "resampled"
 
 
@@ -267,24 +275,69 @@ def epoch_sampling(num_shards: int, world_size: int, workers: int, repeats: int)
     return PERMUTED if num_shards >= world_size * max(1, workers) * repeats else RESAMPLED
 
 
-def _epoch_samples(urls: list[str], rank: int, world_size: int, worker: int, workers: int, seed: int, epoch: int,
-                   repeats: int, shuffle, log: _SkipLog):
-    """The samples of one training epoch for this rank and worker, every shard once per pass.
-
-    A pass is a seeded permutation of the split (the same on every rank), dealt out over ranks x workers;
-    with repeated augmentation x R each consumer's share is cut into R parts, one per epoch, so R epochs
-    of R-fold repeated samples read every shard once (as timm's RepeatAugSampler shows each image R
-    times over ranks). The share is shuffled on its own; a consumer that runs dry before its rank's step
-    count then resamples shards of the whole split (seeded, shuffled apart from the share), so no rank
-    ever waits on another in a collective and the top-up never displaces the epoch's own samples."""
+def _pass_share(urls: list[str], lengths: list[int] | None, rank: int, world_size: int, worker: int, workers: int,
+                seed: int, pass_index: int) -> list[dict]:
+    """One consumer's (rank x worker) part of a pass: shards {"url", "first", "end"} in the order of a seeded
+    permutation of the split, the same on every rank. With the shards' lengths (`_info.json`) each consumer
+    gets an equal run of samples of the permuted split, so no consumer has a shard more than another (whole
+    shards dealt out would leave up to a shard per consumer unread each pass, while others top up at random);
+    at most the first and last shard of a run are read in part. Without lengths (a brace pattern), whole
+    shards are dealt out in turn."""
     import random
 
-    passes, part = divmod(epoch, repeats)
-    order = random.Random(wds.utils.make_seed(seed, passes)).sample(urls, len(urls))
-    mine = order[rank * workers + worker::world_size * workers]
-    share = mine[len(mine) * part // repeats:len(mine) * (part + 1) // repeats]
-    yield from shuffle(_train_shard_samples(({"url": url} for url in share), log))
+    order = random.Random(wds.utils.make_seed(seed, pass_index)).sample(range(len(urls)), len(urls))
+    consumers, me = world_size * workers, rank * workers + worker
+    if lengths is None:
+        return [{"url": urls[i]} for i in order[me::consumers]]
+    lo, hi = _range_split(0, sum(lengths), consumers, me)
+    share, pos = [], 0
+    for i in order:
+        if pos + lengths[i] > lo and pos < hi:
+            share.append({"url": urls[i], "first": max(lo - pos, 0), "end": min(hi - pos, lengths[i])})
+        pos += lengths[i]
+        if pos >= hi:
+            break
+    return share
+
+
+def _pass_samples(urls: list[str], lengths: list[int] | None, rank: int, world_size: int, worker: int, workers: int,
+                  seed: int, epoch: int, repeats: int, shuffle, log: _SkipLog):
+    """This rank and worker's samples from EPOCH to the end of its pass, every shard of the pass once.
+
+    With repeated augmentation x R a pass spans R epochs (R-fold repeated samples, as timm's
+    RepeatAugSampler shows each image R times over ranks), and the consumer's share is read as one stream
+    across them: an epoch takes the next batches of it, so whole shards are never cut at an epoch boundary
+    and a pass reads nearly all of its images (`pass_coverage`). A launch that resumes inside a pass starts
+    at the share's R-th part of that epoch. A consumer that runs dry before its rank's step count then
+    resamples shards of the whole split (seeded, shuffled apart from the share), so no rank ever waits on
+    another in a collective and the top-up never displaces the pass's own samples."""
+    pass_index, part = divmod(epoch, repeats)
+    share = _pass_share(urls, lengths, rank, world_size, worker, workers, seed, pass_index)
+    yield from shuffle(_train_shard_samples(share[len(share) * part // repeats:], log))
     yield from _resampled_samples(urls, wds.utils.make_seed(seed, epoch, rank, worker), shuffle, log)
+
+
+def _worker_batches(start: int, count: int, worker: int, workers: int) -> int:
+    """How many of the rank's batches [start, start + count) worker WORKER of WORKERS makes: a DataLoader asks
+    its workers in turn, so worker w makes the rank's batches w, w + W, w + 2W, ..."""
+    return len(range(start + (worker - start) % workers, start + count, workers))
+
+
+def pass_coverage(shard_lengths: list[int], world_size: int, workers: int, repeats: int, batch_size: int,
+                  batches_per_epoch: int) -> float:
+    """The fraction of the split's images one pass (REPEATS epochs of BATCHES_PER_EPOCH batches per rank) reads,
+    from the layout alone: the same shares and worker batch counts the loader uses, no image read. The rest of
+    each consumer's demand is resampled top-up (a share longer than its demand leaves its last images unread)."""
+    workers = max(1, workers)
+    urls = [str(i) for i in range(len(shard_lengths))]
+    read = 0.0
+    for rank in range(world_size):
+        for worker in range(workers):
+            share = _pass_share(urls, shard_lengths, rank, world_size, worker, workers, 0, 0)
+            demand = sum(_worker_batches(e * batches_per_epoch, batches_per_epoch, worker, workers)
+                         for e in range(repeats)) * batch_size / repeats  # decoded images: R copies of each
+            read += min(sum(seg["end"] - seg["first"] for seg in share), demand)
+    return read / sum(shard_lengths)
 
 
 def _resampled_samples(urls: list[str], seed: int, shuffle, log: _SkipLog):
@@ -340,21 +393,23 @@ class _TrainBatches(IterableDataset):
     batches w, w + W, w + 2W, ...) and hands them on in that order. So each worker can work out which epoch
     its next batch belongs to and start that epoch's samples exactly where the rank's stream does: one set
     of workers serves the whole launch, with no process restart between epochs (a restart per epoch cost
-    ~2.5 s with 12 workers on a GPU machine, measured 2026-11-28). Each epoch does start a shuffle buffer of
-    its own (seeded per epoch), which a worker fills while the batches it prefetched still feed the trainer."""
+    ~2.5 s with 12 workers on a GPU machine, measured 2026-11-28). With permuted epochs one stream (and one
+    shuffle buffer) serves a whole pass; resampled epochs start a stream and a shuffle buffer each, which a
+    worker fills while the batches it prefetched still feed the trainer."""
 
-    def __init__(self, urls: list[str], transform, batch_size: int, *, rank: int, world_size: int, workers: int,
-                 seed: int, epoch: int, repeats: int, resume_step: int, first_batches: int,
-                 batches_per_epoch: int | None, shuffle_buffer: int, num_classes: int):
-        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+    def __init__(self, urls: list[str], lengths: list[int] | None, transform, batch_size: int, *, rank: int,
+                 world_size: int, workers: int, seed: int, epoch: int, repeats: int, resume_step: int,
+                 first_batches: int, batches_per_epoch: int | None, shuffle_buffer: int, num_classes: int):
+        self.urls, self.lengths, self.transform, self.batch_size = urls, lengths, transform, batch_size
         self.rank, self.world_size, self.seed, self.repeats = rank, world_size, seed, repeats
         self.first_epoch, self.resume_step = epoch, resume_step
         self.first_batches, self.batches_per_epoch = first_batches, batches_per_epoch
         self.shuffle_buffer, self.num_classes = shuffle_buffer, num_classes
         self.sampling = epoch_sampling(len(urls), world_size, workers, repeats)
 
-    def _epoch(self, epoch: int, worker: int, workers: int, log: _SkipLog):
-        # A launch resumed inside an epoch starts that epoch's shards again with other augmentation seeds.
+    def _stream(self, epoch: int, worker: int, workers: int, log: _SkipLog):
+        """Batches from EPOCH on (to the end of its pass when permuted). A launch resumed inside an epoch starts
+        that epoch's shards again with other augmentation seeds."""
         resume = self.resume_step if epoch == self.first_epoch else 0
         stream_seed = wds.utils.make_seed(self.seed, epoch, self.world_size, resume)
         rank_seed = wds.utils.make_seed(stream_seed, self.rank)
@@ -362,8 +417,8 @@ class _TrainBatches(IterableDataset):
             _seed_augmentation(wds.utils.make_seed(rank_seed, worker))
         shuffle = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 500), seed=rank_seed)
         if self.sampling == PERMUTED:
-            samples = _epoch_samples(self.urls, self.rank, self.world_size, worker, workers, self.seed, epoch,
-                                     self.repeats, shuffle, log)
+            samples = _pass_samples(self.urls, self.lengths, self.rank, self.world_size, worker, workers, self.seed,
+                                    epoch, self.repeats, shuffle, log)
         else:
             samples = _resampled_samples(self.urls, wds.utils.make_seed(stream_seed, self.rank, worker), shuffle,
                                          log)
@@ -377,16 +432,17 @@ class _TrainBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         log = _SkipLog()
         epoch, start, count = self.first_epoch, 0, self.first_batches
-        mine = worker  # the index, in the rank's stream, of this worker's next batch
+        stream, stream_pass = None, None
         while True:
-            end = start + count
-            n = len(range(mine, end, workers))  # this worker's batches of the epoch [start, end)
+            n = _worker_batches(start, count, worker, workers)  # this worker's batches of the epoch
             if n:
-                yield from islice(self._epoch(epoch, worker, workers, log), n)
-                mine += n * workers
+                # permuted: one stream per pass, read on across its epochs; resampled: one per epoch
+                if self.sampling != PERMUTED or stream_pass != epoch // self.repeats:
+                    stream, stream_pass = self._stream(epoch, worker, workers, log), epoch // self.repeats
+                yield from islice(stream, n)
             if self.batches_per_epoch is None:
                 return
-            epoch, start, count = epoch + 1, end, self.batches_per_epoch
+            epoch, start, count = epoch + 1, start + count, self.batches_per_epoch
 
 
 def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int, *, rank: int, world_size: int,
@@ -399,12 +455,13 @@ def train_loader(shards: ShardSet | str, transform, batch_size: int, steps: int,
     `_info.json` or a brace pattern such as "/data/imagenet1k-train-{0000..1023}.tar".
 
     With at least ranks x workers x repeats shards (`epoch_sampling` PERMUTED) an epoch reads every
-    shard of its part of a seeded permutation once (_epoch_samples); with fewer, each rank and worker
+    shard of its part of a seeded permutation once (_pass_samples); with fewer, each rank and worker
     resamples shards with replacement (RESAMPLED), so none ever runs dry."""
     if num_classes is None:
         num_classes = shards.num_classes if isinstance(shards, ShardSet) else 1000
     urls = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else list(shards.urls)
-    batches = _TrainBatches(urls, transform, batch_size, rank=rank, world_size=world_size, workers=workers,
+    lengths = None if isinstance(shards, str) else list(shards.lengths)
+    batches = _TrainBatches(urls, lengths, transform, batch_size, rank=rank, world_size=world_size, workers=workers,
                             seed=seed, epoch=epoch, repeats=repeats, resume_step=resume_step, first_batches=steps,
                             batches_per_epoch=steps_per_epoch, shuffle_buffer=shuffle_buffer,
                             num_classes=num_classes)

@@ -21,6 +21,9 @@ STEP_TIME = "time/step(s)"
 COMPUTE_TIME = "time/compute(s)"
 DATA_WAIT = "time/data_wait(s)"
 DATA_WAIT_PCT = "time/data_wait(%)"
+# The same per step on the fastest rank (the figures above are the slowest rank's): a gap is a straggler.
+COMPUTE_TIME_FASTEST = "time/compute_fastest_rank(s)"
+DATA_WAIT_FASTEST = "time/data_wait_fastest_rank(s)"
 # ---- memory (DeviceMemoryMonitor) ----------------------------------------------------------------
 MEM_MAX_ALLOCATED = "memory/max_allocated(GiB)"
 MEM_MAX_ALLOCATED_PCT = "memory/max_allocated(%)"

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitbench import checkpoint, data, dsconfig
+from vitbench import checkpoint, dali_loader, data, dsconfig
 from vitbench.errors import UserError
 from vitbench.loaders import LoaderSpec
 from vitbench.precision import SPECS, PrecisionSpec
@@ -52,6 +52,7 @@ class Plan:
     output_dir: Path | None = None  # None: runs/<run name>
     resume_from: Path | None = None
     universal: bool = False  # resume through DeepSpeed's universal checkpoint (the layout changed)
+    pass_coverage: float | None = None  # wds, permuted epochs: the share of the split a pass reads
     fix_hp: dict = field(default_factory=dict)  # recipe flags this launch changed (the table's fix_hp)
     warnings: tuple[str, ...] = ()
 
@@ -60,7 +61,8 @@ class Plan:
         return {"world_size": self.world_size, "nnodes": self.nnodes, "nproc_per_node": self.nproc_per_node}
 
     def default_run_name(self, timestamp: str) -> str:
-        return f"{self.model}_{self.nnodes}x{self.nproc_per_node}_{self.precision.label}_z{self.zero_stage}_{timestamp}"
+        layout = f"{self.nnodes}x{self.nproc_per_node}"
+        return f"{self.model}_{layout}_{self.precision.label}_z{self.zero_stage}_{timestamp}"
 
     def run_dir(self, run_name: str, repo: Path) -> Path:
         return self.output_dir or Path(repo) / "runs" / run_name
@@ -73,7 +75,8 @@ class Plan:
                          "num_classes": self.train.num_classes},
                 "deepspeed_config": self.ds_config, "zero_stage": self.zero_stage, "grad_accum_steps": self.grad_accum,
                 "lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "output_dir": str(self.output_dir) if self.output_dir else None,
+                "warmup_steps": self.warmup_steps, "pass_coverage": self.pass_coverage,
+                "output_dir": str(self.output_dir) if self.output_dir else None,
                 "resume_from": str(self.resume_from) if self.resume_from else None, "universal": self.universal,
                 "fix_hp": self.fix_hp, "warnings": list(self.warnings)}
 
@@ -83,6 +86,10 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     lay = layout(environ)
     world, per_node = lay["world_size"], lay["nproc_per_node"]
     warnings = []
+    if lay["nnodes"] > 1 and not environ.get("GLOO_SOCKET_IFNAME") and (machine.host_ip or "").startswith("127."):
+        raise PlanError(f"this host's name resolves to the loopback address {machine.host_ip}: the other nodes "
+                        "cannot reach a process group bound to it; set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) "
+                        "to the interface that connects the nodes, e.g. GLOO_SOCKET_IFNAME=eth0")
     per_step = args.batch_size * world
     if args.global_batch_size % per_step:
         raise PlanError(f"--global-batch-size {args.global_batch_size} is not a multiple of --batch-size "
@@ -97,13 +104,16 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     if per_node * max(workers, 1) > machine.cpus:
         warnings.append(f"{per_node} ranks x {workers} loader workers on {machine.cpus} usable CPUs: the loaders "
                         "will compete for cores (lower --workers, or give the job more CPUs)")
-    precision = SPECS[args.precision]
+    precision = SPECS[args.precision or default_precision(lay["nnodes"], machine)]
     precision.check_supported(machine)
     loader = LoaderSpec(args.loader, workers, args.batch_size, args.aug_repeats, args.aa or None,
                         args.img_size or 224)
     loader.check()
     train, val = data.load_split(args.data_dir, "train"), data.load_split(args.data_dir, "validation")
     model_kwargs, n_params = _model(args, train.num_classes)
+    if loader.kind == "dali" and world > 1 and dali_loader.index_paths(train) is None:
+        warnings.append(f"--loader dali without index files: each of the {world} ranks reads every train shard's "
+                        "headers at start; write them once with `shards/prep_shards.py --split train --dali-index`")
     ds_config = dsconfig.build(dsconfig.config_path(args.deepspeed_config, environ), micro_batch=args.batch_size,
                                grad_accum=args.global_batch_size // per_step, world_size=world,
                                clip_grad=args.clip_grad, precision=precision, zero_stage=args.zero_stage,
@@ -115,18 +125,30 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
                                             log=warnings.append)
     universal = resume_from is not None and checkpoint.check_layout(
         checkpoint.read_marker(resume_from), world_size=world, zero_stage=zero_stage,
-        global_batch=args.global_batch_size, precision=args.precision)
+        global_batch=args.global_batch_size, precision=precision.label)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
     steps_per_epoch = max(1, train.num_samples // args.global_batch_size)
+    grad_accum = ds_config["gradient_accumulation_steps"]
+    permuted = loader.kind == "wds" and data.epoch_sampling(len(train.urls), world, workers, loader.repeats) == \
+        data.PERMUTED
+    coverage = data.pass_coverage(train.lengths, world, workers, loader.repeats, args.batch_size,
+                                  steps_per_epoch * grad_accum) if permuted else None
     return Plan(
         **lay, model=args.model, model_kwargs=model_kwargs, img_size=loader.img_size, n_params=n_params,
         precision=precision, loader=loader, train=train, val=val, ds_config=ds_config, zero_stage=zero_stage,
-        grad_accum=ds_config["gradient_accumulation_steps"],
+        grad_accum=grad_accum, pass_coverage=coverage,
         lr=args.lr or args.lr_base * args.global_batch_size / args.lr_base_size,
         steps_per_epoch=steps_per_epoch, total_steps=min(args.epochs * steps_per_epoch, args.max_steps or math.inf),
         warmup_steps=round(args.warmup_epochs * steps_per_epoch), run_name=args.run_name, output_dir=output_dir,
         resume_from=resume_from, universal=universal, fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
+
+
+def default_precision(nnodes: int, machine: MachineFacts) -> str:
+    """--precision when none is given: amp (FlagPerf's rows) on one node; bf16 across nodes where the device has
+    it, because DeepSpeed reduces bf16 gradients in bf16 (half the bytes of amp's fp32 gradients on the
+    slowest link of a 2x8 run)."""
+    return "bf16" if nnodes > 1 and machine.bf16 else "amp"
 
 
 def _model(args, num_classes: int) -> tuple[dict, int]:

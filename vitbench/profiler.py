@@ -11,7 +11,8 @@ Windows (host clock unless noted; every window edge that follows queued device w
              events where the device has them (no per-step sync), else
              with the host clock (synchronous devices such as the CPU)
 For every rank compute <= train - paused <= train, so p_core >= p_train >= p_whole. Ranks are combined
-by taking the slowest rank's time for each window.
+by taking the slowest rank's time for each window; compute and data wait are also reported for the
+fastest rank, so a straggler shows as the gap.
 
 "Steady" figures leave out the first `warmup_steps` steps (compilation, allocator growth, first
 batches); the plain figures count every step, as FlagPerf does.
@@ -31,7 +32,10 @@ from vitbench.metrics import DeviceMemoryMonitor
 # Dense (no sparsity) peak TFLOP/s per device by (name fragment, precision class), checked in this order,
 # each with its source: the vendor's datasheet figures.
 _HOPPER = "NVIDIA H100/H200 datasheet, SXM, dense"
+_NVL = {"fp32": 60.0, "tf32": 417.5, "16bit": 835.5}  # NVL cards (PCIe form, lower power): half the sparse figures
 PEAK_TFLOPS = [
+    ("H200 NVL", _NVL, "NVIDIA H200 NVL datasheet, dense"),
+    ("H100 NVL", _NVL, "NVIDIA H100 NVL datasheet, dense"),
     ("H200", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}, _HOPPER),
     ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "16bit": 756.0}, "NVIDIA H100 datasheet, PCIe, dense"),
     ("H100", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}, _HOPPER),
@@ -41,15 +45,14 @@ PEAK_TFLOPS = [
     ("L40S", {"fp32": 91.6, "tf32": 183.0, "16bit": 362.0}, "NVIDIA L40S datasheet, dense"),
     ("V100", {"fp32": 15.7, "tf32": 15.7, "16bit": 125.0}, "NVIDIA V100 datasheet, SXM2 (no TF32: fp32 rate)"),
 ]
-PRECISION_CLASS = {"fp32": "fp32", "tf32": "tf32", "amp": "16bit", "fp16": "16bit", "bf16": "16bit"}
 
 
-def peak_tflops(device_name: str | None, precision: str) -> tuple[float | None, str | None]:
-    """(peak dense TFLOP/s of one device for the precision, its source), or (None, None) when unknown
-    (e.g. CPUs: no MFU rather than an invented peak)."""
+def peak_tflops(device_name: str | None, peak_class: str) -> tuple[float | None, str | None]:
+    """(peak dense TFLOP/s of one device for PEAK_CLASS, a precision's `peak_class`: "fp32", "tf32" or
+    "16bit"; its source), or (None, None) when unknown (e.g. CPUs: no MFU rather than an invented peak)."""
     for fragment, peaks, source in PEAK_TFLOPS if device_name else []:
         if fragment.lower() in device_name.lower():
-            return peaks[PRECISION_CLASS[precision]], source
+            return peaks[peak_class], source
     return None, None
 
 
@@ -158,15 +161,18 @@ class StepProfiler:
         return {"t": t, "steps": self.steps, "paused": self.paused_total, "data_wait": self.data_wait,
                 "compute": self.compute}
 
-    def _slowest(self, values: dict) -> dict:
-        """Each named figure's maximum over ranks (one all-reduce); memory peaks are folded into the run's."""
+    def _over_ranks(self, values: dict, spread: tuple[str, ...] = ()) -> tuple[dict, dict]:
+        """Each named figure's maximum over ranks, and for the SPREAD names also the minimum, in one all-reduce
+        (a MAX of the negated value is the minimum); memory peaks are folded into the run's."""
         values = {**values, **self.memory_probe()}
         names = list(values)
-        worst = dict(zip(names, self.reduce_max([values[k] for k in names])))
+        reduced = self.reduce_max([values[k] for k in names] + [-values[k] for k in spread])
+        worst = dict(zip(names, reduced))
+        fastest = {k: -v for k, v in zip(spread, reduced[len(names):])}
         for k, v in worst.items():
             if k.startswith("memory/"):
                 self.mem_peak[k] = max(v, self.mem_peak.get(k, 0.0))
-        return worst
+        return worst, fastest
 
     # ---- per-interval row ----------------------------------------------------------------
     def interval_row(self) -> dict:
@@ -176,8 +182,9 @@ class StepProfiler:
         prev, self._row = self._row, now
         steps = now["steps"] - prev["steps"]
         wall = max(now["t"] - prev["t"] - (now["paused"] - prev["paused"]), 1e-12)
-        worst = self._slowest({"data_wait": now["data_wait"] - prev["data_wait"],
-                               "compute": now["compute"] - prev["compute"], "wall": wall})
+        worst, fastest = self._over_ranks({"data_wait": now["data_wait"] - prev["data_wait"],
+                                           "compute": now["compute"] - prev["compute"], "wall": wall},
+                                          spread=("data_wait", "compute"))
         data_wait, compute, wall = worst.pop("data_wait"), worst.pop("compute"), worst.pop("wall")
         samples = steps * self.global_batch
         row = {
@@ -187,9 +194,11 @@ class StepProfiler:
             M.COMPUTE_TIME: compute / max(steps, 1),
             M.DATA_WAIT: data_wait / max(steps, 1),
             M.DATA_WAIT_PCT: 100.0 * data_wait / wall,
+            M.COMPUTE_TIME_FASTEST: fastest["compute"] / max(steps, 1),
+            M.DATA_WAIT_FASTEST: fastest["data_wait"] / max(steps, 1),
         }
         if self.flops_per_sample:
-            tflops = self.flops_per_sample * samples / wall / self.world_size / 1e12
+            tflops = self._tflops_per_device(samples / wall)
             row[M.TFLOPS_PER_DEVICE] = tflops
             if self.peak:
                 row[M.MFU] = 100.0 * tflops / self.peak
@@ -212,7 +221,7 @@ class StepProfiler:
             steady_samples = (self.steps - s0) * self.global_batch
             per_rank.update(steady_train=end - t0, steady_train_unpaused=end - t0 - (self.paused_total - paused0),
                             steady_compute=self._steady_compute)
-        w = self._slowest(per_rank)
+        w, fastest = self._over_ranks(per_rank, spread=("compute", "data_wait"))
         out = {
             "train_samples": samples,
             "train_time": w["train"],
@@ -220,6 +229,8 @@ class StepProfiler:
             "checkpoint_time": w["checkpoint"],
             "data_wait_time": w["data_wait"],
             "compute_time": w["compute"],
+            "compute_time_fastest_rank": fastest["compute"],
+            "data_wait_time_fastest_rank": fastest["data_wait"],
             "p_whole": _rate(samples, w["train"]),
             "p_train": _rate(samples, w["train_unpaused"]),
             "p_core": _rate(samples, w["compute"]),
@@ -231,12 +242,16 @@ class StepProfiler:
                         "p_train_steady": _rate(steady_samples, w["steady_train_unpaused"]),
                         "p_core_steady": _rate(steady_samples, w["steady_compute"])})
         if self.flops_per_sample and out["p_core"]:
-            out["tflops_per_device_core"] = self.flops_per_sample * out["p_core"] / self.world_size / 1e12
-            if self.peak:
-                out["mfu_core(%)"] = 100.0 * out["tflops_per_device_core"] / self.peak
-                out["mfu_train(%)"] = 100.0 * self.flops_per_sample * out["p_train"] / self.world_size / 1e12 \
-                    / self.peak
+            out["tflops_per_device_core"] = self._tflops_per_device(out["p_core"])
+        if self.flops_per_sample and self.peak:
+            for window in ("core", "train", "core_steady", "train_steady"):
+                rate = out.get(f"p_{window}")
+                if rate:
+                    out[f"mfu_{window}(%)"] = 100.0 * self._tflops_per_device(rate) / self.peak
         return out
+
+    def _tflops_per_device(self, images_per_s: float) -> float:
+        return self.flops_per_sample * images_per_s / self.world_size / 1e12
 
 
 def _rate(samples: float, seconds: float) -> float | None:

@@ -18,6 +18,13 @@ def layout(environ=os.environ) -> dict:
     return {"world_size": world, "nnodes": max(1, world // max(per_node, 1)), "nproc_per_node": per_node}
 
 
+def host_ip() -> str | None:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity: a SLURM step or a container may allow fewer than the
     machine has), not os.cpu_count()."""
@@ -38,6 +45,7 @@ class MachineFacts:
     bf16: bool
     autocast: bool  # torch autocast exists for the device
     cpus: int  # usable_cpus()
+    host_ip: str | None = None  # what this host's name resolves to (a process group binds to it)
 
     @classmethod
     def probe(cls) -> "MachineFacts":
@@ -50,7 +58,7 @@ class MachineFacts:
         return cls(device_type=kind, device_name=torch.cuda.get_device_name() if cuda else (cpu_model() or kind),
                    capability=torch.cuda.get_device_capability() if cuda else None,
                    fp16=bool(acc.is_fp16_supported()), bf16=bool(acc.is_bf16_supported()),
-                   autocast=torch.amp.is_autocast_available(kind), cpus=usable_cpus())
+                   autocast=torch.amp.is_autocast_available(kind), cpus=usable_cpus(), host_ip=host_ip())
 
 
 def free_port() -> int:

@@ -158,6 +158,24 @@ def matrix_plot(group: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+# ---- stragglers ------------------------------------------------------------------------------------------
+def straggler_markdown(results: list[dict]) -> str:
+    """Compute and data wait per optimizer step on the slowest and the fastest rank of each multi-rank run:
+    every rank waits for the slowest at each gradient reduction, so the gap is throughput lost to it."""
+    lines = ["| run | compute / step, slowest rank (ms) | fastest rank (ms) | gap | data wait / step, slowest "
+             "rank (ms) | fastest rank (ms) |", "|" + " --- |" * 6]
+    for r in results:
+        if r.get("world_size", 1) < 2 or r.get("compute_time_fastest_rank") is None:
+            continue
+        steps = max(1, (r.get("train_samples") or 0) // max(r["global_batch_size"], 1))
+        slow, fast = r["compute_time"], r["compute_time_fastest_rank"]
+        gap = (slow - fast) / slow if slow else None
+        lines.append(f"| {run_label(r)} | {num(1000 * slow / steps, 1)} | {num(1000 * fast / steps, 1)} | "
+                     f"{_pct(gap)} | {num(1000 * r['data_wait_time'] / steps, 1)} | "
+                     f"{num(1000 * r['data_wait_time_fastest_rank'] / steps, 1)} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "No multi-rank run records per-rank times.\n"
+
+
 # ---- step timeline ---------------------------------------------------------------------------------------
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
@@ -218,6 +236,7 @@ def write_report(results: list[dict], run_dirs: list[Path], out: Path) -> Path:
                   "where the device's peak is known (GPUs in the peak table, or `--peak-tflops`).", "",
                   f"![precision x ZeRO]({matrix_plot(group, out / name).name})", ""]
     parts += _notes(notes, "No runs that differ only in precision or ZeRO stage." if not groups else None)
+    parts += ["## Stragglers", "", straggler_markdown(results), ""]
     parts += ["## Step timelines", ""]
     for r, run_dir in zip(results, run_dirs):
         rows = read_metrics(run_dir)
