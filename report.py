@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     if args.runs:
         try:
             results = reporting.load_results(args.runs)
-        except (FileNotFoundError, ValueError) as e:
+        except reporting.ResultsError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         sys.stdout.write(reporting.markdown_table(results, args.lang))

@@ -73,6 +73,9 @@ def main(argv=None) -> dict:
     if args.demo:
         build_demo_shards()
     plan = make_plan(args, os.environ, MachineFacts.probe(), REPO)  # every check, before any heavy work
+    if plan.finished:  # --resume of a finished run: say so, change nothing
+        print(plan.finished)
+        return {}
     run = setup(args, plan)  # data -> model -> accelerate/DeepSpeed engine -> profiler/tracking
     state, prof = run.state, run.prof
     prof.train_start()
@@ -287,6 +290,9 @@ def cli(argv=None) -> None:
         code = EXIT_USER_ERROR
     except SystemExit as e:  # 75: interrupted with a checkpoint
         code = e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C before the stop handler exists (start-up): nothing was trained yet
+        print("interrupted during start-up; nothing was trained", file=sys.stderr)
+        code = 130
     except BaseException:
         import traceback
 
@@ -432,6 +438,9 @@ def reduce_max(values, device):
 
 
 NO_BAD_STEP = 2**62
+# Steps the loss scaler may skip in a row before the run counts as diverged: from 2**16 the scale would be
+# below 2**-14 by then, where no healthy fp16 run ever goes.
+MAX_SKIPPED_IN_A_ROW = 30
 # Devices with torch's fused AdamW kernel: one kernel for all parameters, no per-tensor Python loop.
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu")
 
@@ -475,6 +484,8 @@ class Run:
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
         self.first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
         self.skipped_steps = precision.skipped_steps(self.engine)
+        self.skip_streak, self.streak_start = 0, 0  # steps the loss scaler skipped in a row, and the first
+        self.streak_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     def close(self) -> None:
         """Stop the train loader; on an error exit, close W&B (a finished run's tracker is closed already)."""
@@ -511,7 +522,12 @@ class Run:
             self.logits_dtype = logits.dtype
             self.plan.precision.verify(precision.in_effect(self.engine, logits.dtype))
         skipped = precision.skipped_steps(self.engine)
-        if not (self.plan.precision.loss_scaler and skipped != self.skipped_steps):  # not a scaler-skipped step
+        if self.plan.precision.loss_scaler and skipped != self.skipped_steps:  # the loss scaler skipped it
+            self.scaler_skipped(nonfinite)
+        else:
+            if self.skip_streak:
+                self.skip_streak = 0
+                self.streak_nonfinite.zero_()
             self.first_bad_step = torch.where(nonfinite, torch.clamp(self.first_bad_step, max=state.step + 1),
                                               self.first_bad_step)
         self.skipped_steps = skipped
@@ -519,10 +535,26 @@ class Run:
         state.step_in_epoch += 1
         self.scheduler.step_update(state.step)
 
+    def scaler_skipped(self, nonfinite) -> None:
+        """A step the loss scaler skipped (overflowed gradients; every rank sees the same): the scale backs off
+        and the step is excused, unless the skips go on: more than MAX_SKIPPED_IN_A_ROW is divergence, and a
+        non-finite loss in a streak still going at a log row or checkpoint counts as one (check_finite)."""
+        precision.back_off_after_skip(self.engine)
+        self.skip_streak += 1
+        if self.skip_streak == 1:
+            self.streak_start = self.state.step + 1
+        self.streak_nonfinite |= nonfinite
+        if self.skip_streak > MAX_SKIPPED_IN_A_ROW:
+            raise UserError(f"the loss scaler skipped {self.skip_streak} steps in a row from step {self.streak_start} "
+                            f"(loss scale now {precision.loss_scale(self.engine)}): the run diverged; lower --lr or "
+                            "check the data, then resume from a checkpoint before that step")
+
     def check_finite(self) -> None:
         """All ranks agree (MIN over ranks) on the first step with a non-finite loss; stop before that step
         can reach a checkpoint or another log row."""
         bad = self.first_bad_step.clone()
+        if self.skip_streak:  # skipped steps not recovered from yet: their non-finite losses count now
+            bad = torch.where(self.streak_nonfinite, torch.clamp(bad, max=self.streak_start), bad)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
         if bad.item() != NO_BAD_STEP:
@@ -555,7 +587,8 @@ class Run:
         self.check_finite()
         plan = self.plan
         meta = {"epoch": self.state.epoch, "world_size": plan.world_size, "zero_stage": plan.zero_stage,
-                "global_batch_size": self.args.global_batch_size, "precision": plan.precision.label}
+                "global_batch_size": self.args.global_batch_size, "precision": plan.precision.label,
+                "model": plan.model, "model_kwargs": plan.model_kwargs}
         # The floor of the free-space check before the first save (no earlier checkpoint's size known yet):
         # fp32 weights + two Adam moments.
         checkpoint.save(self.accelerator, self.out_dir / "checkpoints", self.state.step,
@@ -592,7 +625,11 @@ def evaluate(model, stream, accelerator, to_input, img_size: int, lockstep: bool
     device = accelerator.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, skipped
     batches = 0
+    skipped_only = 0  # samples dropped after a worker's last image come in a batch of no images
     for batch in data.validation_loader(stream, pin_memory=device.type == "cuda"):
+        if batch["images"] is None:
+            skipped_only += batch["skipped"]
+            continue
         x, y = to_input(batch["images"], batch["labels"])
         logits = model(x).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -608,6 +645,7 @@ def evaluate(model, stream, accelerator, to_input, img_size: int, lockstep: bool
         pad = torch.zeros(1, 3, img_size, img_size, dtype=to_input.dtype, device=device)
         for _ in range(stream.max_batches_per_rank() - batches):
             model(pad)  # outputs discarded: padding is never counted
+    sums[4] += skipped_only
     sums = accelerator.reduce(sums, reduction="sum")
     loss, top1, top5, count, skipped = sums.tolist()
     model.train()

@@ -16,17 +16,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vitbench.prep import DEFAULT_SHARD_SIZE, PrepError, prepare, verify  # noqa: E402
 
 
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
+    # File names need not be valid UTF-8 nor printable in the terminal's encoding (LC_ALL=C): never crash
+    # on printing one, after the shards are written.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="backslashreplace")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, help="ImageFolder root: SRC/<wnid>/<image>")
     p.add_argument("--out", type=Path, required=True, help="output directory for shards and _info.json")
     p.add_argument("--split", required=True, choices=["train", "validation"])
     p.add_argument("--name", default="imagenet1k", help="shard name prefix (default: %(default)s)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+    p.add_argument("--shard-size", type=positive, default=DEFAULT_SHARD_SIZE,
                    help="samples per shard (default %(default)s: 1024 shards for ImageNet train)")
-    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    p.add_argument("--workers", type=positive, default=None, help="parallel processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default: %(default)s)")
-    p.add_argument("--max-side", type=int, default=None,
+    p.add_argument("--max-side", type=positive, default=None,
                    help="re-encode (JPEG q90) images whose longer side exceeds this; others stay byte-identical")
     p.add_argument("--class-index", type=Path, default=None,
                    help="fixed class mapping: JSON {wnid: index} or one wnid per line (default: sorted folders)")

@@ -116,6 +116,16 @@ def test_a_layout_change_that_cannot_resume_is_refused_at_start(tmp_path):
                                    precision="fp32") is True
     assert checkpoint.check_layout({**meta, "zero_stage": 0}, world_size=1, zero_stage=0, global_batch=16,
                                    precision="fp32") is False
+    with pytest.raises(checkpoint.CheckpointError, match="ZeRO-1, this launch has ZeRO-2 .*--zero-stage 1"):
+        checkpoint.check_layout({**meta, "zero_stage": 1}, world_size=2, zero_stage=2, global_batch=16,
+                                precision="fp32")
+    vit = {"model": "vit_tiny_patch16_224", "model_kwargs": {"num_classes": 10, "img_size": 32, "depth": 2}}
+    made = {**meta, "zero_stage": 1, **vit}
+    assert checkpoint.check_layout(made, world_size=2, zero_stage=1, global_batch=16, precision="fp32",
+                                   model=vit) is False
+    other = {**vit, "model_kwargs": {**vit["model_kwargs"], "img_size": 64}}
+    with pytest.raises(checkpoint.CheckpointError, match="'img_size': 32.*this launch builds .*'img_size': 64"):
+        checkpoint.check_layout(made, world_size=2, zero_stage=1, global_batch=16, precision="fp32", model=other)
     # bf16 at ZeRO-0 keeps the whole optimizer state on every rank, as fp32 does: no conversion needed
     assert checkpoint.check_layout({**meta, "zero_stage": 0, "precision": "bf16"}, world_size=1, zero_stage=0,
                                    global_batch=16, precision="bf16") is False
@@ -191,3 +201,5 @@ def test_deepspeed_adapters_read_what_the_engine_runs(one_rank_group, label, sta
         engine.backward(engine(torch.randn(2, 4, dtype=spec.input_dtype)).float().sum() * float("inf"))
         engine.step()
         assert precision.skipped_steps(engine) == 1
+        precision.back_off_after_skip(engine)  # ZeRO skipped before the autocast scaler saw the overflow
+        assert precision.loss_scale(engine) == (2.0**15 if spec.loss_scaler else None)

@@ -130,6 +130,55 @@ def test_bad_labels_are_dropped_with_a_warning_naming_shard_and_key(demo_shards,
     assert not set(names.values()) & {k for b in batches for k in b["keys"]}
 
 
+@pytest.mark.parametrize("change", [lambda i, s: {**s, "cls": b"99"}, lambda i, s: {**s, "jpg": b"not a jpeg"}],
+                         ids=["every_label_out_of_range", "every_image_undecodable"])
+def test_shards_without_one_usable_sample_end_the_stream_with_an_error_not_a_spin(demo_shards, tmp_path, change):
+    """Readable tars, nothing trainable: the reader stops after a bounded run of drops, naming a shard."""
+    train = data.load_split(demo_shards, "train")
+    urls = []
+    for i, url in enumerate(train.urls[:3]):
+        urls.append(str(tmp_path / f"bad-{i:04d}.tar"))
+        rewrite_shard(url, urls[-1], change)
+    loader = data.train_loader(data.ShardSet("train", urls, train.lengths[:3], 10), data.train_transform(32, None),
+                               batch_size=4, steps=4, rank=0, world_size=1, workers=0, seed=0, epoch=0)
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(data.DataError, match=f"{data.MAX_CONSECUTIVE_BAD_SAMPLES} samples in a row could not "
+                                                 f"be used, the last .* of {tmp_path}/bad-000"):
+            next(iter(loader))
+    assert time.time() - t0 < 120
+
+
+def test_labels_under_another_extension_are_named_and_never_spin(demo_shards, tmp_path):
+    """A shard whose labels are `.label` members, not `.cls`: each sample is dropped saying what it holds."""
+    val = data.load_split(demo_shards, "validation")
+    odd = tmp_path / "odd-0000.tar"
+    with tarfile.open(odd, "w") as out:
+        for s in data.tar_samples(val.urls[0], data._SkipLog()):
+            for ext, payload in (("jpg", s["jpg"]), ("label", s["cls"])):
+                ti = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                ti.size = len(payload)
+                out.addfile(ti, io.BytesIO(payload))
+    keys, skipped, msgs = keys_and_skipped(data.ShardSet("validation", [str(odd)], [val.lengths[0]], 10))
+    assert keys == [] and skipped == val.lengths[0]
+    assert "no .cls label or no .jpg image (members: ['jpg', 'label'])" in msgs[0]
+
+
+def test_demo_never_replaces_a_directory_it_did_not_make(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(prep.PrepError, match=f"{mine}: exists and is not a demo shard directory"):
+        demo.build(mine, train_per_class=1, val_per_class=1, progress=False)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    proc = subprocess.run([str(BIN / "python"), "-m", "vitbench.demo", "--out", str(mine)], cwd=REPO,
+                          env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {mine}: exists and is not a demo shard directory (no demo.json); refusing to replace it: pick "
+        "another --out"]
+
+
 def test_prep_refuses_a_class_index_that_would_write_bad_labels(tmp_path):
     src = tmp_path / "src"
     demo.make_imagefolder(src, train_per_class=1, val_per_class=0, seed=1)

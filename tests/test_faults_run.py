@@ -33,19 +33,22 @@ def steps_saved(out):
 
 
 # ---- 1. preemption ----------------------------------------------------------------------------
-def test_sigterm_to_the_launcher_checkpoints_the_step_and_resume_finishes(demo_shards, tmp_path):
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["sigterm_to_the_launcher", "ctrl_c_to_the_process_group"])
+def test_stop_signal_checkpoints_the_step_and_resume_finishes(demo_shards, tmp_path, sig, to_group):
     out = tmp_path / "run"
     args = common(demo_shards, out, "--max-steps", "40", "--epochs", "10", "--checkpoint-every", "3",
                   "--wandb", "off")
     proc = subprocess.Popen([*LAUNCH, *args], cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=to_group)
     wait_for(lambda: steps_saved(out), what="the first periodic checkpoint")
     periodic = steps_saved(out)[-1]
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)  # Ctrl-C: the terminal signals the group
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, "an interrupted job must not look finished"
     r = results(out)
-    assert r["interrupted"] is True and "SIGTERM received" in log
+    assert r["interrupted"] is True and f"{sig.name} received" in log
+    assert "KeyboardInterrupt" not in log
     newest = steps_saved(out)[-1]
     assert periodic < newest == r["global_step"] < 40, (periodic, newest, log[-3000:])
     assert checkpoint.damage(out / "checkpoints" / f"step_{newest:08d}") is None
@@ -100,12 +103,13 @@ def test_damaged_newest_checkpoints_are_skipped_for_the_newest_intact_one(demo_s
     assert steps_saved(out) == [2, 4, 6]
     ckpts = out / "checkpoints"
     model_file = ckpts / "step_00000006" / checkpoint.DS_TAG / "mp_rank_00_model_states.pt"
-    model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated
+    model_file.write_bytes(os.urandom(model_file.stat().st_size))  # the right size, garbage content
     (ckpts / "step_00000004" / checkpoint.DS_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     proc = launch([*args[:args.index("--max-steps")], "--max-steps", "8", *args[args.index("--max-steps") + 2:],
                    "--resume", "auto"])
     warned = [line for line in proc.stderr.splitlines() if "skipping damaged checkpoint" in line]
     assert len(warned) == 2 and "step_00000006" in warned[0] and "step_00000004" in warned[1]
+    assert "mp_rank_00_model_states.pt has other content than was written" in warned[0]
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in warned[1]
     r = results(out)
     assert (r["resumed_from_step"], r["global_step"]) == (2, 8)
@@ -116,6 +120,8 @@ def test_resume_on_fewer_processes_keeps_the_weights_and_the_global_batch(demo_s
     args = common(demo_shards, out, "--checkpoint-every", "2", "--wandb", "off", "--zero-stage", "2")
     launch([*args, "--max-steps", "4"])
     two = results(out)
+    # as if the node was lost after the last checkpoint, before results.json (a finished run is not resumed)
+    (out / "results.json").unlink()
     # one process resumes the 2-process ZeRO-2 checkpoint: converted to DeepSpeed's universal format
     proc = launch([*args, "--max-steps", "4", "--resume", "auto"], processes=1)
     assert "to DeepSpeed's universal checkpoint format" in proc.stdout
@@ -126,6 +132,11 @@ def test_resume_on_fewer_processes_keeps_the_weights_and_the_global_batch(demo_s
     r = results(out)
     assert (r["resumed_from_step"], r["global_step"], r["global_batch_size"]) == (4, 6, 16)
     assert r["plan"]["grad_accum_steps"] == 2  # 16 = 8 x 1 process x 2: the global batch is kept
+    # the same resume again: the run is finished, nothing is trained and nothing changes
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = launch([*args, "--max-steps", "6", "--resume", "auto"], processes=1)
+    assert "the run finished at step 6 (trained all 6 steps); nothing to resume, nothing changed" in proc.stdout
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(demo_shards, tmp_path, small_fs):
@@ -170,13 +181,17 @@ def test_one_run_per_output_directory_and_a_dead_runs_lock_does_not_block(demo_s
     assert results(out)["global_step"] == 2
 
 
-def test_no_checkpoint_is_written_after_a_non_finite_loss(demo_shards, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "amp"])
+def test_no_checkpoint_is_written_after_a_non_finite_loss(demo_shards, tmp_path, precision):
+    """amp: DeepSpeed's ZeRO skips the overflowed steps as scaler skips; a streak of them with non-finite
+    losses is still divergence, never a run that exits 0 with checkpoints after it."""
     out = tmp_path / "run"
     proc = launch(common(demo_shards, out, "--lr", "1e30", "--max-steps", "8", "--checkpoint-every", "1",
-                         "--log-interval", "100", "--wandb", "off"), check=False)
-    assert proc.returncode != 0 and "error: non-finite loss at step " in proc.stderr
+                         "--log-interval", "100", "--wandb", "off", "--precision", precision), check=False)
+    assert "error: non-finite loss at step " in proc.stderr, proc.stderr[-3000:]
     bad_step = int(proc.stderr.split("non-finite loss at step ")[1].split()[0])
     assert all(step < bad_step for step in steps_saved(out)), (steps_saved(out), bad_step)
+    assert proc.returncode != 0 and not (out / "results.json").exists()
 
 
 def test_read_only_output_dir_fails_at_start(demo_shards, tmp_path, small_fs):

@@ -208,3 +208,21 @@ def test_the_plan_says_how_much_of_the_split_a_pass_reads(demo_shards):
     assert p.pass_coverage == pytest.approx(p.steps_per_epoch * 16 / 120)
     # too few shards for 8 ranks x 16 workers: epochs resample shards (results.json's epoch_sampling says so)
     assert make(demo_shards, ["--workers", "16"], ONE_NODE_8, H200).pass_coverage is None
+
+
+def test_a_directory_that_holds_a_run_is_refused_without_resume_and_a_finished_run_is_left_alone(demo_shards,
+                                                                                                 tmp_path):
+    out = tmp_path / "run"
+    flags = ["--output-dir", str(out), "--max-steps", "5"]
+    assert make(demo_shards, flags).finished is None  # a new directory: nothing held
+    (out / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000003" / checkpoint.MARKER).write_text("{}")
+    with pytest.raises(UserError, match=f"{out} holds a run already \\(checkpoint step 3\\): --resume auto"):
+        make(demo_shards, flags)
+    assert make(demo_shards, [*flags, "--resume", "auto"]).finished is None  # interrupted at 3 of 5: resume
+    (out / "results.json").write_text(json.dumps({"global_step": 5, "interrupted": False, "final_acc1": 51.0}))
+    with pytest.raises(UserError, match="results.json of a finished run, step 5; checkpoint step 3"):
+        make(demo_shards, flags)
+    done = make(demo_shards, [*flags, "--resume", "auto"]).finished
+    assert "finished at step 5 (trained all 5 steps); nothing to resume, nothing changed" in done
+    assert make(demo_shards, [*flags[:-1], "9", "--resume", "auto"]).finished is None  # a longer run goes on

@@ -1,5 +1,6 @@
 """report.py: the seed's table from recorded results files (golden text), charts, the W&B workspace."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -68,3 +69,25 @@ def test_workspace_is_built_with_the_standard_panels_without_sending():
     ws._to_model()  # the view W&B would receive serializes
     with pytest.raises(ValueError, match="ENTITY/PROJECT"):
         reporting.build_workspace("no-slash")
+
+
+@pytest.mark.parametrize("content, message", [("{}", "not a vitbench results.json (no nnodes"),
+                                              ("[]", "not a vitbench results.json"),
+                                              ('{"run_name": "x", "p_core": 1', "not readable JSON")],
+                         ids=["empty_object", "a_list", "truncated"])
+def test_a_broken_results_file_is_one_line_naming_it(tmp_path, content, message):
+    bad = tmp_path / "results.json"
+    bad.write_text(content)
+    proc = report(RUNS[0], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and f"error: {bad}: {message}" in proc.stderr
+
+
+def test_an_interrupted_run_is_marked_in_the_table(tmp_path):
+    r = json.loads(RUNS[1].read_text())
+    (tmp_path / "results.json").write_text(json.dumps({**r, "interrupted": True, "global_step": 17}))
+    proc = report(RUNS[0], tmp_path, "--lang", "en")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| A100")]
+    assert "†" not in rows[0] and "†" in rows[1]
+    assert "† A100 1 node x 1 device (1x1) " in proc.stdout and "interrupted at step 17" in proc.stdout

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -101,10 +102,25 @@ def _empty_dir(p: Path) -> Path:
     return p / "empty"
 
 
+def _an_empty_class(p: Path) -> Path:
+    for cls in ("a", "b"):
+        (p / "src" / cls).mkdir(parents=True)
+    demo.make_imagefolder(p / "tmp", train_per_class=1, val_per_class=0, seed=0)
+    shutil.copy(next((p / "tmp" / "train").glob("*/*.JPEG")), p / "src" / "a" / "x.JPEG")
+    return p / "src"
+
+
+def _no_images(p: Path) -> Path:
+    (p / "src" / "a").mkdir(parents=True)
+    (p / "src" / "a" / "readme.txt").write_text("not an image")
+    return p / "src"
+
+
 @pytest.mark.parametrize("make_src, message", [
     (lambda p: p / "missing", "does not exist"),
     (_empty_dir, "no class folders"),
     (_flat_dir, "no class folders"),
+    (_an_empty_class, "class folder(s) with no files: b"),
 ])
 def test_bad_source_is_a_clear_error_before_any_work(tmp_path, make_src, message):
     src = make_src(tmp_path)
@@ -113,6 +129,60 @@ def test_bad_source_is_a_clear_error_before_any_work(tmp_path, make_src, message
     assert proc.returncode == 2
     assert str(src) in proc.stderr and message in proc.stderr
     assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
+
+
+def test_a_source_with_no_readable_image_is_an_error_not_an_empty_split(tmp_path):
+    src = _no_images(tmp_path)
+    proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no readable image among 1 file(s) (first: a/readme.txt" in proc.stderr
+    assert not (tmp_path / "out" / "_info.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--max-side", "--workers", "--shard-size"])
+def test_a_non_positive_prep_number_is_one_line(tmp_path, flag):
+    proc = subprocess.run([*PREP, "--src", str(tmp_path), "--out", str(tmp_path / "out"), "--split", "train", flag,
+                           "-1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"{flag}: must be >= 1" in proc.stderr
+
+
+def test_images_without_a_faithful_rgb_form_are_skipped_and_listed_and_odd_names_print_anywhere(imagefolder,
+                                                                                                tmp_path):
+    """A 16-bit image would become a constant RGB image; file names that are not UTF-8, colliding once made
+    keys, still get their own keys, and the skipped list prints under LC_ALL=C."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    shutil.copytree(imagefolder / "train", src)
+    cls = sorted(d for d in src.iterdir())[0]
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(cls / "deep.png")
+    jpeg = next(cls.glob("*.JPEG")).read_bytes()
+    odd = [os.fsencode(str(cls)) + b"/caf\xe9.x.JPEG", os.fsencode(str(cls)) + b"/caf\xe9_x.JPEG",
+           os.fsencode(str(cls)) + b"/caf\xe9\xff.JPEG"]
+    for name in odd:
+        with open(name, "wb") as f:
+            f.write(jpeg if not name.endswith(b"\xff.JPEG") else b"garbage")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONIOENCODING": "", "PYTHONUTF8": "0"}
+    proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train"],
+                          capture_output=True, env=env)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    split = info(tmp_path / "out")["splits"]["train"]
+    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in split["skipped"]}
+    assert "image mode I;16 has no faithful 8-bit RGB form" in reasons["deep.png"]
+    assert len(reasons) == 2 and b"caf" in proc.stdout  # the garbage one, printed escaped
+    keys = list(tar_samples(tmp_path / "out"))
+    assert len(keys) == len(set(keys)) == split["num_samples"]
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"splits": {"train": {"filenames": []}}}'],
+                         ids=["truncated", "not_an_object", "incomplete"])
+def test_verify_lists_a_malformed_info_file_as_a_problem(tmp_path, content):
+    (tmp_path / "_info.json").write_text(content)
+    proc = subprocess.run([*PREP, "--out", str(tmp_path), "--split", "train", "--verify"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"FAIL {tmp_path}/_info.json: " in proc.stderr and "re-run the prep" in proc.stderr
 
 
 def test_prep_killed_with_sigkill_resumes_and_keeps_completed_shards(tmp_path):

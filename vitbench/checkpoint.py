@@ -5,8 +5,8 @@ process writes a `COMPLETE` marker (the step, the layout, and the size of every 
 folder to `step_NNNNNNNN/` (one atomic rename). A run killed or out of space while saving leaves only a
 `.tmp` folder, which resume ignores and the next save removes; the previous checkpoint is never touched.
 
-`--resume auto` takes the newest complete checkpoint whose files are all there with their recorded sizes;
-a damaged one is reported in one line and skipped for the next older. A checkpoint written by another
+`--resume auto` takes the newest complete checkpoint whose files are all there with their recorded sizes and
+CRC-32s; a damaged one is reported in one line and skipped for the next older. A checkpoint written by another
 number of processes is converted once to DeepSpeed's universal format (ZeRO 1-2) and loaded from that,
 so a run that lost a node goes on with the same global batch.
 Multi-node runs need the output directory on a shared filesystem, as DeepSpeed's ZeRO checkpoints do.
@@ -59,7 +59,8 @@ def read_marker(path: Path) -> dict | None:
 
 
 def damage(path: Path) -> str | None:
-    """Why the checkpoint at PATH would not load (a file missing or of another size than written), or None."""
+    """Why the checkpoint at PATH would not load (a file missing, of another size or content than written), or
+    None."""
     meta = read_marker(path)
     if meta is None:
         return f"its {MARKER} marker is unreadable"
@@ -71,7 +72,21 @@ def damage(path: Path) -> str | None:
             return f"{rel} is missing"
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    for rel, crc in meta.get("crc32", {}).items():  # the right sizes, but what is in them?
+        if _crc32(Path(path) / rel) != crc:
+            return f"{rel} has other content than was written (CRC-32 differs)"
     return None
+
+
+def _crc32(path: Path) -> int:
+    """A file's CRC-32, read in 16 MiB blocks (zlib: several GB/s, so checking a checkpoint costs seconds)."""
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def resolve_resume(resume: str, root: Path, log=print) -> Path | None:
@@ -98,11 +113,50 @@ def resolve_resume(resume: str, root: Path, log=print) -> Path | None:
     return None
 
 
-def check_layout(meta: dict, *, world_size: int, zero_stage: int, global_batch: int, precision: str) -> bool:
-    """Whether resuming from a checkpoint with META needs the universal conversion; raise when the
-    resume cannot work at all. Called before any heavy work."""
+def _results(out_dir: Path) -> dict | None:
+    try:
+        r = json.loads((Path(out_dir) / "results.json").read_text())
+        return r if isinstance(r, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def held_run(out_dir: Path) -> str | None:
+    """What of an earlier run OUT_DIR holds (its results.json, complete checkpoints), or None."""
+    held = []
+    if (r := _results(out_dir)) is not None:
+        held.append(f"results.json of {'an interrupted' if r.get('interrupted') else 'a finished'} run, step "
+                    f"{r.get('global_step')}")
+    if found := complete_checkpoints(Path(out_dir) / "checkpoints"):
+        held.append(f"checkpoint step {found[-1][0]}")
+    return "; ".join(held) or None
+
+
+def finished_run(out_dir: Path, total_steps: int) -> str | None:
+    """For a resume: what to say when OUT_DIR's run already finished (its results.json is not an interrupted
+    run's, and it reached the steps asked for or its target), or None when there is training left."""
+    r = _results(out_dir)
+    if r is None or r.get("interrupted") or not (r.get("global_step", 0) >= total_steps or r.get("reached_target")):
+        return None
+    why = "reached its target top-1" if r.get("reached_target") else f"trained all {total_steps} steps"
+    return (f"{out_dir}: the run finished at step {r.get('global_step')} ({why}); nothing to resume, nothing "
+            "changed (a longer run: raise --epochs or --max-steps)")
+
+
+def check_layout(meta: dict, *, world_size: int, zero_stage: int, global_batch: int, precision: str,
+                 model: dict | None = None) -> bool:
+    """Whether resuming from a checkpoint with META needs the universal conversion; raise when the resume
+    cannot work at all, saying what differs between the checkpoint (its marker records what it was made
+    with) and this launch. MODEL: {"model", "model_kwargs"} of this launch. Called before any heavy work."""
     if not (meta or {}).get("world_size"):
         return False
+    made_with = {k: meta[k] for k in ("model", "model_kwargs") if k in meta}
+    wanted = json.loads(json.dumps({k: (model or {}).get(k) for k in made_with}))  # as the marker stores it
+    if model and made_with and made_with != wanted:
+        raise CheckpointError(f"the checkpoint holds {made_with.get('model')} built with "
+                              f"{made_with.get('model_kwargs')}, this launch builds {model['model']} with "
+                              f"{model['model_kwargs']}: resume with the --model, --img-size, --patch-size and "
+                              "--model-kwargs (and the data's classes) it was trained with")
     saved = (meta["world_size"], meta.get("zero_stage"), meta.get("global_batch_size"), meta.get("precision"))
     if saved[2] not in (None, global_batch):
         raise CheckpointError(f"the checkpoint was trained with --global-batch-size {saved[2]}, this launch has "
@@ -112,6 +166,9 @@ def check_layout(meta: dict, *, world_size: int, zero_stage: int, global_batch: 
                               f"--precision {precision}")
     if saved[0] == world_size and saved[1] == zero_stage:
         return False
+    if saved[0] == world_size:
+        raise CheckpointError(f"the checkpoint was written with ZeRO-{saved[1]}, this launch has ZeRO-{zero_stage} on "
+                              f"as many processes ({world_size}): resume with --zero-stage {saved[1]}")
     # ZeRO-0 keeps the whole optimizer state on every rank, bf16 included (DeepSpeed >= 0.17.6 gives bf16 at
     # ZeRO-0 a non-partitioned optimizer unless fp32 gradient accumulation is asked for).
     if not {saved[1], zero_stage} & {1, 2, 3}:
@@ -225,7 +282,8 @@ def save(accelerator, root: Path, step: int, keep: int, meta: dict, min_bytes: i
                               f"{_previous_text(root)}") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"step": step, **meta, "files": _sizes(tmp)}
+        sizes = _sizes(tmp)
+        marker = {"step": step, **meta, "files": sizes, "crc32": {rel: _crc32(tmp / rel) for rel in sizes}}
         with open(tmp / MARKER, "w") as f:
             json.dump(marker, f)
             f.flush()

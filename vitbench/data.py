@@ -45,6 +45,9 @@ def split_member(name: str) -> tuple[str, str] | None:
 TAR_BLOCK = 512
 # Consecutive train shards that yield nothing before the run stops instead of resampling forever.
 MAX_CONSECUTIVE_BAD_SHARDS = 20
+# Consecutive samples that are all dropped (bad label, undecodable image) before the run stops: far more than
+# any real split's bad run, far fewer than a spin over shards that hold no usable sample at all.
+MAX_CONSECUTIVE_BAD_SAMPLES = 2000
 
 
 class DataError(UserError):
@@ -223,8 +226,12 @@ def _transformed(samples, transform, repeats: int, log: _SkipLog, num_classes: i
     bad label or image is dropped here, so no bad sample ever reaches the model or the metrics."""
     from PIL import Image
 
+    bad_in_a_row = 0
     for sample in samples:
         try:
+            if "cls" not in sample or "jpg" not in sample:
+                members = sorted(set(sample) - {"__key__", "__url__"})
+                raise ValueError(f"no .cls label or no .jpg image (members: {members})")
             label = parse_label(sample["cls"], num_classes)
             img = Image.open(io.BytesIO(sample["jpg"]))
             if img.mode == "RGB":  # most JPEGs: decode in place, without convert()'s full copy (~2% per image)
@@ -232,8 +239,15 @@ def _transformed(samples, transform, repeats: int, log: _SkipLog, num_classes: i
             else:
                 img = img.convert("RGB")
         except Exception as e:
-            log.drop(f"sample {sample['__key__']} of {sample['__url__']}", f"{type(e).__name__}: {e}")
+            why = f"{type(e).__name__}: {e}"
+            log.drop(f"sample {sample['__key__']} of {sample['__url__']}", why)
+            bad_in_a_row += 1
+            if bad_in_a_row >= MAX_CONSECUTIVE_BAD_SAMPLES:  # readable tars, nothing usable: stop, never spin
+                raise DataError(f"{bad_in_a_row} samples in a row could not be used, the last {sample['__key__']} "
+                                f"of {sample['__url__']} ({why}); the split looks unusable: check it with "
+                                "`shards/prep_shards.py --verify` or re-make it") from None
             continue
+        bad_in_a_row = 0
         for _ in range(repeats):
             yield transform(img), label, sample["__key__"]
 
@@ -366,6 +380,8 @@ def _batched(pairs, batch_size: int, log: _SkipLog, partial_last: bool):
             images, labels, keys = [], [], []
     if images and partial_last:
         yield batch(images, labels, keys)
+    elif partial_last and log.count:  # drops after the last image: a batch of no images that carries their count
+        yield {"images": None, "labels": None, "keys": [], "skipped": log.take()}
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -15,9 +15,10 @@ import argparse
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
-from vitbench.prep import INFO_FILE, prepare, write_json_atomic
+from vitbench.prep import INFO_FILE, PrepError, prepare, write_json_atomic
 
 # Seven colour photographs and three grayscale ones (rendered as RGB): ten classes.
 PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
@@ -78,7 +79,12 @@ def build(out: Path = DEFAULT_DIR, train_per_class: int = 100, val_per_class: in
     if marker.is_file() and (out / INFO_FILE).is_file() and json.loads(marker.read_text()) == params:
         return out
     if out.exists():
-        shutil.rmtree(out)
+        if not out.is_dir() or (not marker.is_file() and any(out.iterdir())):
+            raise PrepError(f"{out}: exists and is not a demo shard directory (no demo.json); refusing to replace "
+                            "it: pick another --out")
+        shutil.rmtree(out)  # an earlier demo build (its marker is there) with other parameters, or empty
+    out.mkdir(parents=True)
+    write_json_atomic(marker, {**params, "complete": False})  # ours from now on, also if interrupted
     src = out / "src"
     make_imagefolder(src, train_per_class, val_per_class, seed)
     for split in ("train", "validation"):
@@ -96,7 +102,11 @@ def main(argv=None) -> None:
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    out = build(args.out, args.train_per_class, args.val_per_class, args.shard_size, args.seed)
+    try:
+        out = build(args.out, args.train_per_class, args.val_per_class, args.shard_size, args.seed)
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     info = json.loads((out / INFO_FILE).read_text())
     for split, e in info["splits"].items():
         print(f"demo {split}: {e['num_samples']} images, {len(e['filenames'])} shards in {out}")

@@ -3,7 +3,7 @@ preemption signals, and no rank left running when its launcher is gone.
 
 Exit statuses of a rank (README "What happens when..."):
   0   finished            2   bad input or a clear error (nothing done is lost)
-  75  interrupted by SIGTERM/SIGUSR1 after saving a checkpoint of the step it was in (EX_TEMPFAIL:
+  75  interrupted by SIGTERM/SIGUSR1/SIGINT (Ctrl-C) after saving a checkpoint of the step it was in (EX_TEMPFAIL:
       relaunch with --resume auto)
   76  its launcher died (kill -9, node agent gone): it exited without writing anything more
 """
@@ -24,7 +24,7 @@ from vitbench.errors import UserError
 
 EXIT_INTERRUPTED = 75
 EXIT_ORPHANED = 76
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C reaches every rank
 _NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
@@ -73,7 +73,7 @@ class RunLock:
 
 
 class StopRequest:
-    """SIGTERM or SIGUSR1 on any rank asks every rank to stop after the same step.
+    """SIGTERM, SIGUSR1 or SIGINT on any rank asks every rank to stop after the same step.
 
     The handler only sets a flag. Each step every rank starts a non-blocking all-reduce (MAX) of its
     flag on a CPU (gloo) group and reads the one it started the step before, so the hot path never

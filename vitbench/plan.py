@@ -52,6 +52,7 @@ class Plan:
     output_dir: Path | None = None  # None: runs/<run name>
     resume_from: Path | None = None
     universal: bool = False  # resume through DeepSpeed's universal checkpoint (the layout changed)
+    finished: str | None = None  # --resume of a run that already finished: what to say instead of training
     pass_coverage: float | None = None  # wds, permuted epochs: the share of the split a pass reads
     fix_hp: dict = field(default_factory=dict)  # recipe flags this launch changed (the table's fix_hp)
     warnings: tuple[str, ...] = ()
@@ -123,12 +124,18 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         Path(repo) / "runs" / args.run_name if args.run_name else None
     resume_from = checkpoint.resolve_resume(args.resume, output_dir / "checkpoints" if output_dir else None,
                                             log=warnings.append)
+    if output_dir is not None and not args.resume and (held := checkpoint.held_run(output_dir)):
+        raise PlanError(f"{output_dir} holds a run already ({held}): --resume auto continues it; a new run needs a "
+                        "new --output-dir (or --run-name)")
     universal = resume_from is not None and checkpoint.check_layout(
         checkpoint.read_marker(resume_from), world_size=world, zero_stage=zero_stage,
-        global_batch=args.global_batch_size, precision=precision.label)
+        global_batch=args.global_batch_size, precision=precision.label,
+        model={"model": args.model, "model_kwargs": model_kwargs})
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
     steps_per_epoch = max(1, train.num_samples // args.global_batch_size)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    finished = checkpoint.finished_run(output_dir, total_steps) if args.resume and output_dir else None
     grad_accum = ds_config["gradient_accumulation_steps"]
     permuted = loader.kind == "wds" and data.epoch_sampling(len(train.urls), world, workers, loader.repeats) == \
         data.PERMUTED
@@ -139,7 +146,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         precision=precision, loader=loader, train=train, val=val, ds_config=ds_config, zero_stage=zero_stage,
         grad_accum=grad_accum, pass_coverage=coverage,
         lr=args.lr or args.lr_base * args.global_batch_size / args.lr_base_size,
-        steps_per_epoch=steps_per_epoch, total_steps=min(args.epochs * steps_per_epoch, args.max_steps or math.inf),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, finished=finished,
         warmup_steps=round(args.warmup_epochs * steps_per_epoch), run_name=args.run_name, output_dir=output_dir,
         resume_from=resume_from, universal=universal, fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
 

@@ -128,6 +128,16 @@ def loss_scale(engine) -> float | None:
     return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
 
 
+def back_off_after_skip(engine) -> None:
+    """After a step DeepSpeed skipped for overflowed gradients: DeepSpeed's ZeRO optimizer skips before its
+    autocast GradScaler sees the gradients, so that scaler would never back off and every later step would
+    overflow again. Back it off as the GradScaler itself would. (Under ZeRO-0 the GradScaler steps and backs
+    off itself; DeepSpeed's fp16 optimizer scales its own loss.)"""
+    scaler = _autocast_scaler(engine)
+    if scaler is not None and engine.zero_optimization():
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+
+
 def skipped_steps(engine) -> int:
     """Optimizer steps DeepSpeed has skipped for a gradient overflow since the run began."""
     return int(engine.skipped_steps)

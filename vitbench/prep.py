@@ -27,6 +27,8 @@ from vitbench.errors import UserError
 
 DEFAULT_SHARD_SIZE = 1252  # 1,281,167 / 1252 -> 1024 train shards, as timm/imagenet-1k-wds
 JPEG_QUALITY = 90
+# Image modes that convert("RGB") renders faithfully (what the readers do); others are skipped and listed.
+FAITHFUL_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
 INFO_FILE = "_info.json"
 
 
@@ -107,6 +109,10 @@ def scan_sources(src: Path, class_index: dict[str, int] | None = None) -> tuple[
                 found.append((f"{d.name}/{f.name}", d.name, _KEY_UNSAFE.sub("_", f.stem)))
     if not found:
         raise PrepError(f"{src}: the class folders hold no files")
+    empty = [d.name for d in class_dirs if not any(wnid == d.name for _, wnid, _ in found)]
+    if empty:
+        raise PrepError(f"{src}: class folder(s) with no files: {', '.join(empty[:10])}; a class without images "
+                        "cannot be trained or evaluated: remove the folder or fill it")
     stems_unique = len({stem for _, _, stem in found}) == len(found)
     keys = [stem if stems_unique else f"{wnid}_{stem}" for _, wnid, stem in found]
     sources = [Source(path=rel, wnid=wnid, cls=class_index[wnid], key=key)
@@ -124,7 +130,9 @@ def unique_keys(keys: list[str], paths: list[str]) -> list[str]:
     counts: dict[str, int] = {}
     for k in keys:
         counts[k] = counts.get(k, 0) + 1
-    return [k if counts[k] == 1 else f"{k}-{hashlib.sha1(p.encode()).hexdigest()[:10]}" for k, p in zip(keys, paths)]
+    # os.fsencode: a file name that is not valid UTF-8 (kept as surrogates by Python) still hashes
+    return [k if counts[k] == 1 else f"{k}-{hashlib.sha1(os.fsencode(p)).hexdigest()[:10]}"
+            for k, p in zip(keys, paths)]
 
 
 def plan_shards(sources: list[Source], shard_size: int, seed: int) -> list[list[Source]]:
@@ -158,6 +166,8 @@ def _encode_image(data: bytes, max_side: int | None) -> tuple[bytes, int, int]:
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if im.mode not in FAITHFUL_MODES:  # e.g. 16-bit or float images: RGB would clip them to a constant
+            raise ValueError(f"image mode {im.mode} has no faithful 8-bit RGB form")
         w, h = im.size
         if max_side and max(w, h) > max_side:
             scale = max_side / max(w, h)
@@ -331,6 +341,11 @@ def _prepare(src, out, split, name, shard_size, workers, seed, max_side, sources
     bar.close()
 
     ordered = [records[n] for n in names]
+    if not sum(r["num_samples"] for r in ordered):
+        skipped = [s for r in ordered for s in r["skipped"]]
+        first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        raise PrepError(f"{src}: no readable image among {len(skipped)} file(s){first}; nothing was listed in "
+                        f"{info_path}")
     entry = {
         "name": split,
         "num_samples": sum(r["num_samples"] for r in ordered),
@@ -355,11 +370,15 @@ def verify(out: Path, split: str) -> list[str]:
     info_path = out / INFO_FILE
     if not info_path.is_file():
         return [f"{info_path}: missing"]
-    entry = json.loads(info_path.read_text())["splits"].get(split)
-    if entry is None:
-        return [f"{info_path}: no split '{split}'"]
+    try:
+        entry = json.loads(info_path.read_text())["splits"][split]
+        rows = list(zip(entry["filenames"], entry["shard_lengths"], entry["sha256"], strict=True))
+    except KeyError as e:
+        return [f"{info_path}: no {e} entry for split '{split}' (incomplete file; re-run the prep to rewrite it)"]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        return [f"{info_path}: unreadable or malformed ({type(e).__name__}: {e}); re-run the prep to rewrite it"]
     problems = []
-    for fname, length, digest in zip(entry["filenames"], entry["shard_lengths"], entry["sha256"]):
+    for fname, length, digest in rows:
         path = out / fname
         if not path.is_file():
             problems.append(f"{path}: missing")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from vitbench import metrics as M
+from vitbench.errors import UserError
 
 COLUMNS = {
     "zh": ["配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"],
@@ -15,14 +16,30 @@ COLUMNS = {
 _NODES_ZH = {1: "单机", 2: "两机"}
 
 
+# What a row of the table needs from a results.json.
+REQUIRED = ("nnodes", "nproc_per_node", "world_size", "precision")
+
+
+class ResultsError(UserError):
+    pass
+
+
 def load_results(paths) -> list[dict]:
-    """RUN_DIRs or results.json files, in the order given."""
+    """RUN_DIRs or results.json files, in the order given; a file that is not a run's results is an error
+    naming it."""
     out = []
     for p in map(Path, paths):
         f = p / "results.json" if p.is_dir() else p
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: no results.json (did the run finish?)")
-        out.append(json.loads(f.read_text()))
+            raise ResultsError(f"{f}: no results.json (did the run finish?)")
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ResultsError(f"{f}: not readable JSON ({e}); a run writes it whole at its end") from None
+        missing = [k for k in REQUIRED if k not in r] if isinstance(r, dict) else list(REQUIRED)
+        if missing:
+            raise ResultsError(f"{f}: not a vitbench results.json (no {', '.join(missing)})")
+        out.append(r)
     return out
 
 
@@ -68,6 +85,8 @@ def partly_evaluated(r: dict) -> bool:
 def table_row(r: dict, lang: str = "zh") -> list:
     acc = num(r.get("final_acc1"), 3) + ("*" if partly_evaluated(r) else "")
     label = config_label(r, lang) + (f" ZeRO-{r['zero_stage']}" if r.get("zero_stage") is not None else "")
+    if r.get("interrupted"):
+        label += " †"
     return [label, r["precision"], fix_hp_text(r.get("fix_hp", {})), num(r.get("e2e_time")),
             num(r.get("p_whole")), num(r.get("p_train")), num(r.get("p_core")), acc, r.get("mem") or "/"]
 
@@ -115,6 +134,9 @@ def markdown_table(results: list[dict], lang: str = "zh") -> str:
     notes = [f"\\* {config_label(r, lang)} {r['precision']}: final_acc1 over {r['eval_samples']} of "
              f"{r['val_num_samples']} validation samples ({r['val_num_samples'] - r['eval_samples']} unreadable, "
              "skipped)" for r in results if partly_evaluated(r)]
+    notes += [f"† {config_label(r, lang)} {r['precision']}: interrupted at step {r.get('global_step')} (a preemption "
+              "or stop signal); its figures cover the steps so far, resume it with --resume auto"
+              for r in results if r.get("interrupted")]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

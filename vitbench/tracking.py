@@ -86,9 +86,23 @@ class Tracker:
             pass
 
     def _write(self, kind: str, step: int, row: dict) -> None:
-        if self.jsonl:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        if not self.jsonl:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        try:
             self.jsonl.write(json.dumps({"kind": kind, STEP: step, "time": time.time(), **clean}) + "\n")
+        except OSError as e:  # a full disk: the rows stop, the training (and its checkpoints) go on
+            warnings.warn(f"{self.run_dir / METRICS_FILE}: {e.strerror or e}; {METRICS_FILE} rows stop here, "
+                          "training goes on", stacklevel=2)
+            self._close_jsonl()
+
+    def _close_jsonl(self) -> None:
+        jsonl, self.jsonl = self.jsonl, None
+        try:
+            if jsonl:
+                jsonl.close()
+        except OSError:
+            pass
 
     def log_step(self, step: int, row: dict) -> None:
         self._write("train", step, row)
@@ -109,16 +123,12 @@ class Tracker:
     def abort(self) -> None:
         """The run ended with an error: close the metrics file and mark the W&B run failed (no-op after
         finish)."""
-        if self.jsonl:
-            self.jsonl.close()
-            self.jsonl = None
+        self._close_jsonl()
         self._close_quietly()
         self.run = None
 
     def finish(self, summary: dict, table_row: list, artifacts: list[Path] = ()) -> None:
-        if self.jsonl:
-            self.jsonl.close()
-            self.jsonl = None
+        self._close_jsonl()
         if self.run:
             self._guard("finish", self._finish, summary, table_row, artifacts)
 
