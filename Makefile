@@ -21,7 +21,7 @@ $(STAMP): requirements.txt
 demo: setup
 	$(BIN)/python -m vitbench.demo
 	WANDB_MODE=offline $(BIN)/accelerate launch --config_file accelerate_configs/cpu_1x2.yaml train_vit.py --demo \
-	    --output-dir runs/demo
+	    --output-dir runs/demo --resume auto
 	$(BIN)/python report.py runs/demo --lang en --out runs/demo/report
 
 test: setup

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GPU sweep: ViT-B/16 for a bounded number of steps across precisions, ZeRO stages, torch.compile and loaders,
 one `python train_vit.py` process per configuration, then a table of p_core, p_train, MFU and memory
-read from each run's results.json. On an H200 a configuration took ~45 s (most of it process start-up),
+read from each run's results.json, and beside each row bench/ceiling.py's plain-PyTorch step of the same work
+(ours / ceiling of p_core steady: what our machinery costs). On an H200 a configuration took ~45 s (most of it process start-up),
 so the 7 eager rows take ~5 minutes; the two --compile rows add their compile time.
 
     python bench/gpu_sweep.py                 # on a GPU machine (demo shards at 224 px as input)
@@ -41,6 +42,7 @@ def main():
     p.add_argument("--configs", default=None,
                    help="comma-separated config names to run (e.g. bf16_z1_wds,bf16_z1_dali); default: all")
     p.add_argument("--append", action="store_true", help="add rows to gpu_sweep.jsonl instead of starting it anew")
+    p.add_argument("--no-ceiling", action="store_true", help="skip bench/ceiling.py beside each row")
     args = p.parse_args()
 
     from vitbench import demo
@@ -50,10 +52,12 @@ def main():
         configs, steps = CPU_CONFIGS, args.steps or 3
         model = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--model-kwargs",
                  "depth=2", "--batch-size", "8", "--global-batch-size", "8", "--workers", "1"]
+        ceiling_args = ["--cpu-smoke"]
     else:
         configs, steps = GPU_CONFIGS, args.steps or 40
         model = ["--model", "vit_base_patch16_224", "--batch-size", str(args.batch_size), "--global-batch-size",
                  str(args.batch_size), "--workers", str(args.workers)]
+        ceiling_args = ["--model", "vit_base_patch16_224", "--batch-size", str(args.batch_size)]
     names = {config_name(*c): c for c in configs}
     if args.configs:
         unknown = sorted(set(args.configs.split(",")) - set(names))
@@ -89,6 +93,8 @@ def main():
             row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "stderr.log").write_text(proc.stderr)  # the whole story, for the failed row
+        if not args.no_ceiling:  # the plain-PyTorch step of the same work, in the same sweep run
+            row.update(ceiling(ceiling_args, prec, compile_, steps))
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.out / "gpu_sweep.jsonl", "a") as f:
@@ -97,6 +103,19 @@ def main():
     (args.out / "gpu_sweep.md").write_text(table)
     print(table)
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def ceiling(ceiling_args: list[str], prec: str, compile_: bool, steps: int) -> dict:
+    """bench/ceiling.py for a row: the plain-PyTorch step of the same model, precision, batch and compile
+    setting, in its own process like the row; ours / ceiling of p_core steady is added by markdown()."""
+    warmup = min(10, steps - 1)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ceiling.py"), *ceiling_args, "--precision", prec,
+                           "--steps", str(steps - warmup), "--warmup", str(warmup),
+                           *(["--compile"] if compile_ else [])], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"ceiling_error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    c = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"ceiling_img_per_s": c["img_per_s_steady"], "ceiling_warmup_s": c["warmup_s"]}
 
 
 def config_name(prec: str, stage: int, compile_: bool, loader: str) -> str:
@@ -108,15 +127,18 @@ def markdown(rows, steps) -> str:
         return "-" if v is None else f"{v:.{d}f}"
 
     lines = [f"{steps} steps per configuration; steady = after the first warm-up steps.", "",
-             "| config | p_core | p_train | p_core steady | p_train steady | p_train/p_core steady | MFU core % "
-             "| MFU train % | mem used/total GiB | max allocated GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | p_core | p_train | p_core steady | p_train steady | p_train/p_core steady | ceiling "
+             "(plain PyTorch) | ours/ceiling | MFU core % | MFU train % | mem used/total GiB | max allocated GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | error: {r['error']} |||||||||")
+            lines.append(f"| {r['config']} | error: {r['error']} |||||||||||")
             continue
+        ceil = r.get("ceiling_img_per_s")
+        ratio = r["p_core_steady"] / ceil if ceil and r.get("p_core_steady") else None
         lines.append(f"| {r['config']} | {f(r['p_core'])} | {f(r['p_train'])} | {f(r['p_core_steady'])} | "
-                     f"{f(r['p_train_steady'])} | {f(r['p_train_over_p_core'], 3)} | {f(r['mfu_core(%)'])} | "
-                     f"{f(r['mfu_train(%)'])} | "
+                     f"{f(r['p_train_steady'])} | {f(r['p_train_over_p_core'], 3)} | {f(ceil)} | {f(ratio, 3)} | "
+                     f"{f(r['mfu_core(%)'])} | {f(r['mfu_train(%)'])} | "
                      f"{f(r['mem_used_gib'])}/{f(r['mem_total_gib'])} | {f(r['mem_max_allocated_gib'])} |")
     return "\n".join(lines) + "\n"
 

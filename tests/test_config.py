@@ -203,3 +203,32 @@ def test_deepspeed_adapters_read_what_the_engine_runs(one_rank_group, label, sta
         assert precision.skipped_steps(engine) == 1
         precision.back_off_after_skip(engine)  # ZeRO skipped before the autocast scaler saw the overflow
         assert precision.loss_scale(engine) == (2.0**15 if spec.loss_scaler else None)
+
+
+@pytest.mark.parametrize("stage, optimizer", [(1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer"),
+                                              (3, "DeepSpeedZeroOptimizer_Stage3")])
+def test_bf16_with_accumulation_sums_gradients_in_fp32(one_rank_group, stage, optimizer):
+    """The recipe's 1x1 row accumulates 16 micro-batches: DeepSpeed would sum them in bf16 unless told."""
+    import deepspeed
+    import torch
+
+    spec = precision.SPECS["bf16"]
+    cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=2, grad_accum=2, world_size=1,
+                         clip_grad=1.0, precision=spec, zero_stage=stage)
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    model = torch.nn.Linear(4, 3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+    effect = precision.in_effect(engine)
+    assert (effect["deepspeed_optimizer"], effect["grad_accum_dtype"]) == (optimizer, "torch.float32")
+    for _ in range(2):  # one optimizer step of two micro-batches
+        engine.backward(engine(torch.randn(2, 4, dtype=torch.bfloat16)).float().mean())
+        engine.step()
+    assert engine.global_steps == 1
+    # without accumulation nothing is summed: the config says nothing, DeepSpeed keeps its default
+    assert "data_types" not in dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=2, grad_accum=1,
+                                              world_size=1, clip_grad=1.0, precision=spec, zero_stage=stage)
+
+
+def test_a_users_16_bit_gradient_accumulation_is_refused(tmp_path):
+    with pytest.raises(dsconfig.ConfigError, match="data_types.grad_accum_dtype=bf16 would sum the bf16 gradients"):
+        build(tmp_path, {"data_types": {"grad_accum_dtype": "bf16"}}, precision="bf16", grad_accum=4)

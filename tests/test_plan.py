@@ -226,3 +226,11 @@ def test_a_directory_that_holds_a_run_is_refused_without_resume_and_a_finished_r
     done = make(demo_shards, [*flags, "--resume", "auto"]).finished
     assert "finished at step 5 (trained all 5 steps); nothing to resume, nothing changed" in done
     assert make(demo_shards, [*flags[:-1], "9", "--resume", "auto"]).finished is None  # a longer run goes on
+
+
+def test_bf16_accumulation_at_zero0_is_refused_and_elsewhere_sums_in_fp32(demo_shards):
+    with pytest.raises(UserError, match="--precision bf16 with 16 micro-batches per step at ZeRO-0 .* fp32 only"):
+        make(demo_shards, ["--precision", "bf16", "--zero-stage", "0"], ONE, H200)
+    assert make(demo_shards, ["--precision", "bf16"], ONE, H200).ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert make(demo_shards, ["--precision", "bf16", "--zero-stage", "0", "--global-batch-size", "4096"],
+                TWO_NODES_8, H200).grad_accum == 1  # nothing accumulated: ZeRO-0 is fine

@@ -59,6 +59,14 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
                               "remove the key or set it to \"auto\"")
     for key, wanted in precision.deepspeed_sections().items():
         cfg[key] = _merge_section(path, key, cfg.get(key), wanted, precision.label)
+    if precision.half_weights and grad_accum > 1:
+        # DeepSpeed (>= 0.17.6) sums micro-batch gradients in the weights' dtype unless told otherwise.
+        types = cfg.setdefault("data_types", {})
+        theirs = types.get("grad_accum_dtype", "auto")
+        if theirs not in ("auto", "fp32"):
+            raise ConfigError(f"{path}: data_types.grad_accum_dtype={theirs} would sum the {precision.label} "
+                              f"gradients of {grad_accum} micro-batches in {theirs}; remove it (fp32 is used)")
+        types["grad_accum_dtype"] = "fp32"
     cfg.update(ours)
     zero = cfg.setdefault("zero_optimization", {})
     if zero_stage is not None:

@@ -120,6 +120,10 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
                                clip_grad=args.clip_grad, precision=precision, zero_stage=args.zero_stage,
                                throughput_timer=args.deepspeed_throughput_timer)
     zero_stage = ds_config["zero_optimization"]["stage"]
+    if precision.half_weights and ds_config["gradient_accumulation_steps"] > 1 and zero_stage == 0:
+        raise PlanError(f"--precision {precision.label} with {ds_config['gradient_accumulation_steps']} micro-batches "
+                        "per step at ZeRO-0 would sum their gradients in 16 bits: DeepSpeed sums them in fp32 only "
+                        "under ZeRO 1-3; use --zero-stage 1 (or a larger --batch-size)")
     output_dir = Path(args.output_dir) if args.output_dir else \
         Path(repo) / "runs" / args.run_name if args.run_name else None
     resume_from = checkpoint.resolve_resume(args.resume, output_dir / "checkpoints" if output_dir else None,

@@ -40,6 +40,11 @@ class PrecisionSpec:
     peak_class: str  # the datasheet column MFU divides by
 
     @property
+    def half_weights(self) -> bool:
+        """16-bit weights (fp16, bf16): gradients of several micro-batches must be summed in fp32."""
+        return self.param_dtype != torch.float32
+
+    @property
     def input_dtype(self) -> torch.dtype:
         return self.param_dtype  # autocast casts fp32 inputs itself
 
@@ -159,4 +164,6 @@ def in_effect(engine, logits_dtype: torch.dtype | None = None) -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
         "tf32_cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32",
         "loss_scaler": scaler,
+        "grad_accum_dtype": str(engine.get_data_types()[1]),  # what micro-batch gradients are summed in
+        "deepspeed_optimizer": type(engine.optimizer).__name__,  # which of DeepSpeed's precision wrappers ran
     }
