@@ -86,7 +86,7 @@ def main():
             r = json.loads((run_dir / "results.json").read_text())
             row.update({k: r.get(k) for k in ("p_core", "p_train", "p_core_steady", "p_train_steady",
                                               "mfu_core(%)", "mfu_train(%)", "mem_used_gib", "mem_total_gib",
-                                              "mem_max_allocated_gib", "mem_max_reserved_gib")})
+                                              "mem_max_allocated_gib", "mem_max_reserved_gib", "compile_s")})
             row["device"] = r["environment"].get("device_name")
             row["p_train_over_p_core"] = r["p_train_steady"] / r["p_core_steady"] if r.get("p_core_steady") else None
         else:

@@ -209,6 +209,8 @@ def test_steady_mfu_leaves_the_warmup_steps_out():
     assert s["mfu_core_steady(%)"] == pytest.approx(100 * (100 / 1.0) / 1000.0)
     assert s["mfu_train_steady(%)"] == pytest.approx(100 * (100 / 2.0) / 1000.0)
     assert s["mfu_core(%)"] < s["mfu_core_steady(%)"]
+    # the first step's cost beyond a steady one: with --compile, the compile time
+    assert s["first_step_s"] == pytest.approx(10.0) and s["first_step_extra_s"] == pytest.approx(9.0)
 
 
 def test_peak_table_carries_its_source():

@@ -15,7 +15,8 @@ by taking the slowest rank's time for each window; compute and data wait are als
 fastest rank, so a straggler shows as the gap.
 
 "Steady" figures leave out the first `warmup_steps` steps (compilation, allocator growth, first
-batches); the plain figures count every step, as FlagPerf does.
+batches); the plain figures count every step, as FlagPerf does. `first_step_extra_s` is what the first step
+took beyond a steady one: with --compile, the compile time (results.json `compile_s`).
 
 The hot path per step is three clock reads and, on devices with events, two event records.
 """
@@ -82,6 +83,7 @@ class StepProfiler:
         self.flops_per_sample, self.peak = flops_per_sample, peak_tflops_per_device
         self.memory_probe = memory_probe or (lambda: {})  # e.g. DeviceMemoryMonitor(device).probe
         self.steps = 0
+        self.first_step_compute = None  # seconds, this launch's first step
         self.train_start_t = self.train_end_t = None
         self.paused = {}  # kind -> seconds
         self.data_wait = self.compute = 0.0
@@ -146,6 +148,8 @@ class StepProfiler:
 
     def _add_compute(self, step: int, seconds: float) -> None:
         self.compute += seconds
+        if step == 1:
+            self.first_step_compute = seconds  # torch.compile compiles here; the allocator grows here
         if step > self.warmup_steps:
             self._steady_compute += seconds
 
@@ -235,12 +239,15 @@ class StepProfiler:
             "p_train": _rate(samples, w["train_unpaused"]),
             "p_core": _rate(samples, w["compute"]),
             "steady_warmup_steps": self.warmup_steps,
+            "first_step_s": self.first_step_compute,
             **DeviceMemoryMonitor.summary(self.mem_peak),
         }
         if steady:
             out.update({"p_whole_steady": _rate(steady_samples, w["steady_train"]),
                         "p_train_steady": _rate(steady_samples, w["steady_train_unpaused"]),
                         "p_core_steady": _rate(steady_samples, w["steady_compute"])})
+            if self.first_step_compute is not None:  # what the first step cost beyond a steady one
+                out["first_step_extra_s"] = self.first_step_compute - w["steady_compute"] / (self.steps - s0)
         if self.flops_per_sample and out["p_core"]:
             out["tflops_per_device_core"] = self._tflops_per_device(out["p_core"])
         if self.flops_per_sample and self.peak:
