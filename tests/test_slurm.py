@@ -58,7 +58,9 @@ class Cluster:
         self.conf.write_text("\n".join([
             "ClusterName=vitbench-test", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}", "MailProg=/bin/true",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={root}/munge.sock",
+            "AuthType=auth/munge", "CredType=cred/munge",
+            # cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+            f"AuthInfo=socket={root}/munge.sock,cred_expire=10",
             f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
             f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
             f"SlurmctldLogFile={root}/log/slurmctld.log", f"SlurmdLogFile={root}/log/slurmd.log",
@@ -170,7 +172,6 @@ def test_preempted_job_checkpoints_requeues_resumes_and_trains_no_step_twice(clu
     assert "launcher exited 1 after a stop signal" in first  # torchrun's status; the node script exits 0
     assert first.count("SIGTERM received: stopping after this step with a checkpoint") >= 2  # both ranks
 
-    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])  # eligible now, not in ~2 min
     wait_until(lambda: cluster.job(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end",
                timeout=600)
     job = cluster.job(job_id)
