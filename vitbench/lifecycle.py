@@ -25,6 +25,8 @@ from vitbench.errors import UserError
 EXIT_INTERRUPTED = 75
 EXIT_ORPHANED = 76
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C reaches every rank
+# A stop signal this long after the first ends the process at once (the shell's 128 + signal number).
+SECOND_SIGNAL_AFTER_S = 5.0
 _NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
@@ -89,10 +91,15 @@ class StopRequest:
         self._pending = None
 
     def _on_signal(self, signum, _frame):
+        name = signal.Signals(signum).name
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            print(f"{self.signal_name} received: stopping after this step with a checkpoint", file=sys.stderr,
-                  flush=True)
+            self.signal_name, self._first_signal_t = name, time.monotonic()
+            print(f"{name} received: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
+        elif time.monotonic() - self._first_signal_t > SECOND_SIGNAL_AFTER_S:
+            # A step that never ends (a data wait on a hung filesystem) would ignore the first one forever. The
+            # copies a launcher forwards arrive within milliseconds and are not taken for a second request.
+            print(f"second stop signal ({name}): exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
 
     def agreed(self) -> bool:
         """Called once per step on every rank: True when some rank was signalled (seen one step late)."""
