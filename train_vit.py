@@ -72,7 +72,11 @@ def main(argv=None) -> dict:
     lifecycle.exit_with_launcher()
     if args.demo:
         build_demo_shards()
-    plan = make_plan(args, os.environ, MachineFacts.probe(), REPO)  # every check, before any heavy work
+    try:
+        plan = make_plan(args, os.environ, MachineFacts.probe(), REPO)  # every check, before any heavy work
+    except UserError as e:
+        e.same_on_every_local_rank = True  # the ranks of a node read the same flags, data and checkpoints
+        raise
     if plan.finished:  # --resume of a finished run: say so, change nothing
         print(plan.finished)
         return {}
@@ -286,7 +290,8 @@ def cli(argv=None) -> None:
         main(argv)
         return
     except UserError as e:
-        print(f"error: {data.error_message(e)}", file=sys.stderr)
+        if not getattr(e, "same_on_every_local_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {data.error_message(e)}", file=sys.stderr)  # a Plan error: once per node
         code = EXIT_USER_ERROR
     except SystemExit as e:  # 75: interrupted with a checkpoint
         code = e.code if isinstance(e.code, int) else 1

@@ -233,6 +233,12 @@ def test_bad_input_is_one_clear_message_before_heavy_work(tmp_path):
         "shards with `python shards/prep_shards.py` or point --data-dir at a directory holding _info.json and its " \
         "tar shards"
     assert not out.exists(), "nothing may be started for bad input"
+    # under accelerate launch (2 ranks): the line once per node, first; then torchrun's own report follows
+    # (README: the launcher re-raises it; our line is the cause)
+    two = launch([*common(tmp_path / "nonexistent", out, "--wandb", "off")], processes=2, check=False)
+    errors = [line for line in two.stderr.splitlines() if line.startswith("error: ")]
+    assert two.returncode != 0 and errors == [proc.stderr.strip().splitlines()[-1]]
+    assert not out.exists()
 
 
 def test_demo_trains_well_above_chance(tmp_path):
