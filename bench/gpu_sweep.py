@@ -2,8 +2,9 @@
 """GPU sweep: ViT-B/16 for a bounded number of steps across precisions, ZeRO stages, torch.compile and loaders,
 one `python train_vit.py` process per configuration, then a table of p_core, p_train, MFU and memory
 read from each run's results.json, and beside each row bench/ceiling.py's plain-PyTorch step of the same work
-(ours / ceiling of p_core steady: what our machinery costs). On an H200 a configuration took ~45 s (most of it process start-up),
-so the 7 eager rows take ~5 minutes; the two --compile rows add their compile time.
+(ours / ceiling of p_core steady: what our machinery costs). On an H200 a configuration took ~45 s (most of
+it process start-up), so the 7 eager rows take ~5 minutes, the ceilings about as long again; the two --compile
+rows add their compile time.
 
     python bench/gpu_sweep.py                 # on a GPU machine (demo shards at 224 px as input)
     python bench/gpu_sweep.py --configs bf16_z1_wds,bf16_z1_dali --steps 80   # a subset, side by side
