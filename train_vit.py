@@ -77,8 +77,9 @@ def main(argv=None) -> dict:
     except UserError as e:
         e.same_on_every_local_rank = True  # the ranks of a node read the same flags, data and checkpoints
         raise
-    if plan.finished:  # --resume of a finished run: say so, change nothing
-        print(plan.finished)
+    if plan.finished:  # --resume of a finished run: say so (once per node), change nothing
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(plan.finished)
         return {}
     run = setup(args, plan)  # data -> model -> accelerate/DeepSpeed engine -> profiler/tracking
     state, prof = run.state, run.prof
