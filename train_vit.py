@@ -72,11 +72,7 @@ def main(argv=None) -> dict:
     lifecycle.exit_with_launcher()
     if args.demo:
         build_demo_shards()
-    try:
-        plan = make_plan(args, os.environ, MachineFacts.probe(), REPO)  # every check, before any heavy work
-    except UserError as e:
-        e.same_on_every_local_rank = True  # the ranks of a node read the same flags, data and checkpoints
-        raise
+    plan = plan_this_launch(args)  # every decision and check, before any heavy work
     if plan.finished:  # --resume of a finished run: say so (once per node), change nothing
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(plan.finished)
@@ -95,7 +91,7 @@ def main(argv=None) -> dict:
                     trace.step(state.step)
                     if state.step % args.log_interval == 0 or state.step == plan.total_steps:
                         run.log_row()
-                    if run.stop.agreed():  # SIGTERM/SIGUSR1 on any rank: checkpoint below, exit 75
+                    if run.stop.agreed():  # SIGTERM/SIGUSR1/SIGINT on any rank: checkpoint below, exit 75
                         run.interrupted = True
                         break
                     if run.checkpoint_due():
@@ -281,6 +277,16 @@ def build_demo_shards():
     with open(DEFAULT_DIR.parent / ".demo.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         build(DEFAULT_DIR, progress=False)
+
+
+def plan_this_launch(args) -> Plan:
+    """The Plan for this machine and launcher. Its errors are the same on every rank of a node (they read the
+    same flags, data and checkpoints), so cli() prints them once per node."""
+    try:
+        return make_plan(args, os.environ, MachineFacts.probe(), REPO)
+    except UserError as e:
+        e.same_on_every_local_rank = True
+        raise
 
 
 def cli(argv=None) -> None:
