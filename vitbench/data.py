@@ -18,6 +18,7 @@ import re
 import tarfile
 import warnings
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -258,7 +259,8 @@ def _train_shard_samples(shards, log: _SkipLog):
     failed = []
     for shard in shards:
         got = False
-        for sample in _segment(tar_samples(shard["url"], log), shard.get("first", 0), shard.get("end")):
+        # a pass's first and last shard may be read in part: samples before "first" are read past, not decoded
+        for sample in islice(tar_samples(shard["url"], log), shard.get("first", 0), shard.get("end")):
             got = True
             yield sample
         if got:
@@ -271,14 +273,6 @@ def _train_shard_samples(shards, log: _SkipLog):
             raise DataError(f"no sample could be read from {len(failed)} train shards in a row under "
                             f"{', '.join(dirs)} ({', '.join(names)}); the train split looks unreadable: check it "
                             "with `shards/prep_shards.py --verify` or re-make it")
-
-
-def _segment(samples, first: int, end: int | None):
-    """Samples FIRST..END-1 of a shard's samples (to its end with END None); those before FIRST are read past
-    without decoding."""
-    from itertools import islice
-
-    return islice(samples, first, end)
 
 
 PERMUTED, RESAMPLED = "permuted", "resampled"
@@ -442,8 +436,6 @@ class _TrainBatches(IterableDataset):
         return _batched(pairs, self.batch_size, log, partial_last=False)
 
     def __iter__(self):
-        from itertools import islice
-
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         log = _SkipLog()

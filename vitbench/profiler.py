@@ -218,7 +218,7 @@ class StepProfiler:
         samples = self.steps * self.global_batch
         per_rank = {"train": train, "train_unpaused": train - self.paused_total, "compute": self.compute,
                     "data_wait": self.data_wait, "eval": self.paused.get("eval", 0.0),
-                    "checkpoint": self.paused.get("checkpoint", 0.0)}
+                    "checkpoint": self.paused.get("checkpoint", 0.0), "first_step": self.first_step_compute or 0.0}
         steady = self._steady is not None and self.steps > self.warmup_steps
         if steady:
             t0, s0, paused0 = self._steady
@@ -239,7 +239,7 @@ class StepProfiler:
             "p_train": _rate(samples, w["train_unpaused"]),
             "p_core": _rate(samples, w["compute"]),
             "steady_warmup_steps": self.warmup_steps,
-            "first_step_s": self.first_step_compute,
+            "first_step_s": w["first_step"] if self.first_step_compute is not None else None,
             **DeviceMemoryMonitor.summary(self.mem_peak),
         }
         if steady:
@@ -247,7 +247,7 @@ class StepProfiler:
                         "p_train_steady": _rate(steady_samples, w["steady_train_unpaused"]),
                         "p_core_steady": _rate(steady_samples, w["steady_compute"])})
             if self.first_step_compute is not None:  # what the first step cost beyond a steady one
-                out["first_step_extra_s"] = self.first_step_compute - w["steady_compute"] / (self.steps - s0)
+                out["first_step_extra_s"] = w["first_step"] - w["steady_compute"] / (self.steps - s0)
         if self.flops_per_sample and out["p_core"]:
             out["tflops_per_device_core"] = self._tflops_per_device(out["p_core"])
         if self.flops_per_sample and self.peak:
