@@ -38,6 +38,7 @@ from timm.scheduler import CosineLRScheduler
 from vitbench import checkpoint, data, lifecycle, loaders, precision
 from vitbench import metrics as M
 from vitbench.errors import EXIT_USER_ERROR, UserError
+from vitbench.guard import DivergenceGuard
 from vitbench.loaders import LOADERS, TrainLoader
 from vitbench.metrics import DeviceMemoryMonitor
 from vitbench.plan import Plan, make_plan
@@ -45,6 +46,7 @@ from vitbench.prep import write_json_atomic
 from vitbench.profiler import StepProfiler, TraceWindow, peak_tflops, train_flops_per_sample
 from vitbench.reporting import num, table_row
 from vitbench.runinfo import MachineFacts, environment, single_process_env
+from vitbench.step import StepOutcome, attach, make_optimizer
 from vitbench.tracking import Tracker
 
 REPO = Path(__file__).resolve().parent
@@ -111,8 +113,9 @@ def main(argv=None) -> dict:
 # ------------------------------------------------------------------------------------------------
 def train_step(engine, micro_batches, loss_fn, loss_sum):
     """Returns the last logits and a device flag: was any micro-batch's loss non-finite (no sync here).
-    The DeepSpeed engine is driven directly: it accumulates gradients over micro-batches and steps (with
-    clipping and loss scaling) at the accumulation boundary, so nothing else wraps the hot path."""
+    The DeepSpeed engine is driven directly: it accumulates gradients over micro-batches and, at the
+    accumulation boundary, calls step.RecipeAdamW, which unscales, clips and skips on the device; nothing
+    else wraps the hot path and nothing in it reads a value back (tests/test_step.py counts)."""
     nonfinite = torch.zeros((), dtype=torch.bool, device=loss_sum.device)
     for x, y in micro_batches:
         logits = engine(x)
@@ -355,7 +358,7 @@ def setup(args, plan: Plan) -> "Run":
     prof, extras = build_profiler(args, plan, accelerator, env)
     attn = getattr(getattr(engine.module, "blocks", [None])[0], "attn", None)
     config = {**vars(args), **extras, "fused_attn": getattr(attn, "fused_attn", None),
-              "optimizer": f"torch.optim.AdamW(fused={device.type in FUSED_ADAMW_DEVICES})"}
+              "optimizer": "vitbench.step.RecipeAdamW (torch fused AdamW; unscale, clip and skip on the device)"}
     tracker = Tracker(args.wandb, enabled=accelerator.is_main_process, run_dir=out_dir, project=args.wandb_project,
                       entity=args.wandb_entity, name=run_name, group=args.wandb_group or run_name,
                       config={**config, "env": env, "plan": plan.to_json()})
@@ -388,23 +391,25 @@ def agree_on_resume(plan: Plan, rank: int) -> None:
 
 
 def build_engine(args, plan: Plan, accelerator):
-    """The model (identical initial weights on every rank), fused AdamW, the per-step cosine schedule and the
-    DeepSpeed engine; resumed from the Plan's checkpoint."""
+    """The model (identical initial weights on every rank), the recipe's AdamW (it unscales, clips and skips on
+    the device: vitbench/step.py), the per-step cosine schedule and the DeepSpeed engine; resumed from the
+    Plan's checkpoint."""
     set_seed(args.seed)
     model = timm.create_model(plan.model, **plan.model_kwargs)
-    fused = accelerator.device.type in FUSED_ADAMW_DEVICES
-    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=args.weight_decay,
-                                  fused=fused or None)
+    optimizer = make_optimizer(model.parameters(), precision=plan.precision, lr=plan.lr,
+                               weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                               loss_scaling=plan.loss_scaling, device=accelerator.device)
     # Stepped per optimizer update (FlagPerf steps per epoch): the same curve, without the staircase.
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, args.epochs * plan.steps_per_epoch - plan.warmup_steps),
                                   lr_min=args.min_lr, warmup_t=plan.warmup_steps,
                                   warmup_lr_init=plan.lr * args.warmup_lr_factor, warmup_prefix=True,
                                   t_in_epochs=False)
-    engine, optimizer = accelerator.prepare(model, optimizer)
+    engine, _ = accelerator.prepare(model, optimizer)
+    attach(engine, optimizer, world_size=plan.world_size, zero_stage=plan.zero_stage)
     if args.compile:
         engine.compile()
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
+    accelerator.register_for_checkpointing(scheduler, state, *([optimizer.scaler] if optimizer.scaler else []))
     if plan.resume_from:
         resume(accelerator, plan.resume_from, plan.universal, state)
     return engine, optimizer, scheduler, state
@@ -442,6 +447,13 @@ def resume(accelerator, resume_from: Path, universal: bool, state: TrainState) -
                       + (" (universal checkpoint: the number of processes changed)" if universal else ""))
 
 
+def reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t
+
+
 def reduce_max(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
@@ -449,12 +461,6 @@ def reduce_max(values, device):
     return t.tolist()
 
 
-NO_BAD_STEP = 2**62
-# Steps the loss scaler may skip in a row before the run counts as diverged: from 2**16 the scale would be
-# below 2**-14 by then, where no healthy fp16 run ever goes.
-MAX_SKIPPED_IN_A_ROW = 30
-# Devices with torch's fused AdamW kernel: one kernel for all parameters, no per-tensor Python loop.
-FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,10 +500,8 @@ class Run:
         device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-        self.first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
-        self.skipped_steps = precision.skipped_steps(self.engine)
-        self.skip_streak, self.streak_start = 0, 0  # steps the loss scaler skipped in a row, and the first
-        self.streak_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.guard = DivergenceGuard(device, loss_scaler=bool(self.plan.precision.loss_scaler))
+        self.outcome = StepOutcome(self.engine, self.optimizer)
 
     def close(self) -> None:
         """Stop the train loader; on an error exit, close W&B (a finished run's tracker is closed already)."""
@@ -533,56 +537,24 @@ class Run:
         if self.logits_dtype is None:  # first step of this launch: is the precision what its label says?
             self.logits_dtype = logits.dtype
             self.plan.precision.verify(precision.in_effect(self.engine, logits.dtype))
-        skipped = precision.skipped_steps(self.engine)
-        if self.plan.precision.loss_scaler and skipped != self.skipped_steps:  # the loss scaler skipped it
-            self.scaler_skipped(nonfinite)
-        else:
-            if self.skip_streak:
-                self.skip_streak = 0
-                self.streak_nonfinite.zero_()
-            self.first_bad_step = torch.where(nonfinite, torch.clamp(self.first_bad_step, max=state.step + 1),
-                                              self.first_bad_step)
-        self.skipped_steps = skipped
         state.step += 1
         state.step_in_epoch += 1
+        self.guard.step_done(state.step, nonfinite, self.outcome.skipped())
         self.scheduler.step_update(state.step)
 
-    def scaler_skipped(self, nonfinite) -> None:
-        """A step the loss scaler skipped (overflowed gradients; every rank sees the same): the scale backs off
-        and the step is excused, unless the skips go on: more than MAX_SKIPPED_IN_A_ROW is divergence, and a
-        non-finite loss in a streak still going at a log row or checkpoint counts as one (check_finite)."""
-        precision.back_off_after_skip(self.engine)
-        self.skip_streak += 1
-        if self.skip_streak == 1:
-            self.streak_start = self.state.step + 1
-        self.streak_nonfinite |= nonfinite
-        if self.skip_streak > MAX_SKIPPED_IN_A_ROW:
-            raise UserError(f"the loss scaler skipped {self.skip_streak} steps in a row from step {self.streak_start} "
-                            f"(loss scale now {precision.loss_scale(self.engine)}): the run diverged; lower --lr or "
-                            "check the data, then resume from a checkpoint before that step")
-
     def check_finite(self) -> None:
-        """All ranks agree (MIN over ranks) on the first step with a non-finite loss; stop before that step
-        can reach a checkpoint or another log row."""
-        bad = self.first_bad_step.clone()
-        if self.skip_streak:  # skipped steps not recovered from yet: their non-finite losses count now
-            bad = torch.where(self.streak_nonfinite, torch.clamp(bad, max=self.streak_start), bad)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-        if bad.item() != NO_BAD_STEP:
-            raise UserError(f"non-finite loss at step {bad.item()} (not a step the loss scaler skipped); no "
-                            "checkpoint was written after it: lower --lr or check the data, then resume from the "
-                            "last checkpoint")
+        """All ranks agree on the first step the run cannot recover from, and stop before that step can reach
+        a checkpoint, a log row or an evaluation."""
+        self.guard.check(reduce_min=reduce_min, loss_scale=lambda: precision.loss_scale(self.engine))
 
     def log_row(self) -> None:
         self.check_finite()
         state = self.state
         row = self.prof.interval_row()
-        grad_norm = self.engine.get_global_grad_norm()
         row.update({
             M.LOSS: self.accelerator.reduce(self.loss_sum, reduction="mean").item() / self.loss_terms,
             M.LR: self.optimizer.param_groups[0]["lr"],
-            M.GRAD_NORM: float(grad_norm) if grad_norm is not None else None,
+            M.GRAD_NORM: float(grad_norm) if (grad_norm := self.outcome.grad_norm()) is not None else None,
             M.LOSS_SCALE: precision.loss_scale(self.engine),
             M.EPOCH: state.epoch + state.step_in_epoch / self.plan.steps_per_epoch,
         })
@@ -615,6 +587,7 @@ class Run:
             state.step >= self.plan.total_steps
 
     def evaluate(self) -> None:
+        self.check_finite()  # a model whose loss went non-finite is not evaluated
         state, target = self.state, self.args.target_acc1
         final = evaluate(self.engine, self.val_stream, self.accelerator, self.to_eval_input, self.plan.img_size,
                          lockstep=self.plan.zero_stage == 3)

@@ -10,7 +10,7 @@ for p_core steady: what our machinery (DeepSpeed engine, profiler, per-step chec
 Prints one JSON line: {"img_per_s_steady", "step_ms_steady", ...}.
 
 Precision, as plain PyTorch does it: fp32 (TF32 off), tf32 (TF32 on), amp and fp16 (fp32 weights, fp16
-autocast, GradScaler), bf16 (fp32 weights, bf16 autocast; ours keeps bf16 weights with fp32 master copies).
+autocast, GradScaler), bf16 (fp32 weights, bf16 autocast: what ours runs too).
 """
 import argparse
 import json

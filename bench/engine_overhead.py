@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """What the DeepSpeed engine costs per optimizer step against a plain PyTorch step of the same model and batch,
-side by side in one process (one rank, gloo), rounds alternating, medians. Ways of running a 16-bit step are
-compared too: DeepSpeed's bf16 mode (bf16 weights, fp32 master copies, what `--precision bf16` runs) against
-DeepSpeed's torch_autocast mode with bf16 (fp32 weights, bf16 autocast: the plain-PyTorch way).
+side by side in one process (one rank, gloo), rounds alternating, medians: for fp32, amp and bf16, ZeRO-0 (what
+one process runs) and ZeRO-1 (what the Plan would run at one process if ZeRO-1 were not pure overhead there).
 
     python bench/engine_overhead.py                       # ViT-S/16 at 64 px, batch 32 (CPU-sized)
     python bench/engine_overhead.py --model vit_tiny_patch16_224 --img-size 32 --batch-size 8   # fixed costs
@@ -24,49 +23,53 @@ import torch  # noqa: E402
 from vitbench import dsconfig, precision  # noqa: E402
 from vitbench.runinfo import free_port  # noqa: E402
 
-VARIANTS = {  # name: (engine, precision label, ZeRO stage, bf16 through autocast instead of bf16 weights)
-    "plain fp32": ("plain", "fp32", None, False),
-    "deepspeed fp32 ZeRO-0": ("deepspeed", "fp32", 0, False),
-    "deepspeed fp32 ZeRO-1": ("deepspeed", "fp32", 1, False),
-    "plain bf16 autocast": ("plain", "bf16", None, True),
-    "deepspeed bf16 weights ZeRO-0": ("deepspeed", "bf16", 0, False),
-    "deepspeed bf16 weights ZeRO-1": ("deepspeed", "bf16", 1, False),
-    "deepspeed bf16 autocast ZeRO-0": ("deepspeed", "fp32", 0, True),
-    "deepspeed bf16 autocast ZeRO-1": ("deepspeed", "fp32", 1, True),
+VARIANTS = {  # name: (engine, precision label, ZeRO stage)
+    **{f"plain {label}": ("plain", label, None) for label in ("fp32", "amp", "bf16")},
+    **{f"deepspeed {label} ZeRO-{stage}": ("deepspeed", label, stage) for label in ("fp32", "amp", "bf16")
+       for stage in (0, 1)},
 }
 
 
-def make_step(kind, label, stage, autocast_bf16, args):
+def make_step(kind, label, stage, args):
+    """One optimizer step as a function: the plain PyTorch step (bench/ceiling.py's), or the trainer's
+    DeepSpeed wiring (our config, step.make_optimizer, step.attach) driven like train_vit.train_step."""
     import deepspeed
     import timm
 
+    from vitbench import step as recipe
+
     torch.manual_seed(0)
     model = timm.create_model(args.model, img_size=args.img_size, num_classes=1000, **args.kwargs)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.3, fused=True)
     spec = precision.SPECS[label]
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, dtype=spec.input_dtype)
     y = torch.randint(0, 1000, (args.batch_size,))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.11)
     if kind == "plain":
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.3, fused=True)
+        scaler = torch.amp.GradScaler("cpu", enabled=spec.compute_dtype == torch.float16)
+
+        def one_step():
+            with torch.autocast("cpu", dtype=spec.compute_dtype, enabled=spec.autocast):
                 loss = loss_fn(model(x).float(), y)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        return step
+        return one_step
+    optimizer = recipe.make_optimizer(model.parameters(), precision=spec, lr=1e-4, weight_decay=0.3, clip_grad=1.0,
+                                      loss_scaling={} if spec.loss_scaler == "vitbench" else None, device="cpu")
     cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=args.batch_size, grad_accum=1,
                          world_size=1, clip_grad=1.0, precision=spec, zero_stage=stage)
-    if autocast_bf16:
-        cfg["torch_autocast"] = {"enabled": True, "dtype": "torch.bfloat16"}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    recipe.attach(engine, optimizer, world_size=1, zero_stage=stage)
 
-    def step():
+    def one_step():
         loss = loss_fn(engine(x).float(), y)
         engine.backward(loss)
         engine.step()
-    return step
+    return one_step
 
 
 def main() -> int:
@@ -77,6 +80,7 @@ def main() -> int:
     p.add_argument("--model-kwargs", nargs="*", default=[], help="KEY=INT, e.g. depth=6")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--labels", default="fp32,amp,bf16", help="precisions to compare (amp is slow on most CPUs)")
     args = p.parse_args()
     args.kwargs = {k: int(v) for k, v in (kv.split("=") for kv in args.model_kwargs)}
     import torch.distributed as dist
@@ -84,10 +88,12 @@ def main() -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
-    steps = {name: make_step(*v, args) for name, v in VARIANTS.items()}
-    for step in steps.values():  # warm-up: allocator, kernels' first calls
+    steps = {name: make_step(*v, args) for name, v in VARIANTS.items() if v[1] in args.labels.split(",")}
+    for name, step in steps.items():  # warm-up: allocator, kernels' first calls
+        t0 = time.perf_counter()
         for _ in range(3):
             step()
+        print(f"warm-up {name}: {1000 * (time.perf_counter() - t0) / 3:.0f} ms/step", file=sys.stderr, flush=True)
     times = {name: [] for name in steps}
     for _ in range(args.rounds):  # alternate the variants: machine noise falls on all alike
         for name, step in steps.items():
@@ -100,7 +106,7 @@ def main() -> int:
           f"{args.steps} steps, median ms per step (rounds: min-max)\n")
     print("| variant | ms/step | rounds | vs plain step of its precision |\n|---|---|---|---|")
     for name, value in ms.items():
-        base = ms["plain bf16 autocast" if "bf16" in name else "plain fp32"]
+        base = ms[f"plain {VARIANTS[name][1]}"]
         print(f"| {name} | {value:.1f} | {min(times[name]):.1f}-{max(times[name]):.1f} | {base / value:.3f}x |")
     dist.destroy_process_group()
     return 0

@@ -138,3 +138,23 @@ def assert_picture(path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 15_000, path
     pixels = imread(path)[..., :3].reshape(-1, 3)
     assert len({tuple(p) for p in pixels[::7]}) > 50, f"{path} looks blank"
+
+
+@pytest.fixture(scope="session")
+def one_rank_group():
+    """A one-process gloo group in this process, so that real DeepSpeed engines can be built in-process (one
+    per session: DeepSpeed keeps the first group it sees)."""
+    import os
+
+    import torch.distributed as dist
+
+    from vitbench.runinfo import free_port
+
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

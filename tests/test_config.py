@@ -15,7 +15,8 @@ FP32_EFFECT = {"param_dtype": "torch.float32", "logits_dtype": "torch.float32", 
     ("fp32", {"logits_dtype": "torch.float16"}, "computes in torch.float16"),
     ("tf32", {}, "TF32 is off"),
     ("amp", {"logits_dtype": "torch.float16"}, "no loss scaler"),
-    ("bf16", {}, "parameters are torch.float32"),
+    ("bf16", {}, "the forward pass computes in torch.float32"),
+    ("bf16", {"param_dtype": "torch.bfloat16", "logits_dtype": "torch.bfloat16"}, "parameters are torch.bfloat16"),
 ])
 def test_verify_refuses_a_label_that_is_not_what_runs(label, change, problem):
     with pytest.raises(precision.PrecisionError, match=problem):
@@ -26,8 +27,8 @@ def test_verify_accepts_what_each_label_promises():
     precision.SPECS["fp32"].verify(FP32_EFFECT)
     precision.SPECS["tf32"].verify({**FP32_EFFECT, "tf32_matmul": True, "tf32_cudnn": True})
     precision.SPECS["amp"].verify({**FP32_EFFECT, "logits_dtype": "torch.float16",
-                                   "loss_scaler": "torch.amp.GradScaler"})
-    precision.SPECS["bf16"].verify({**FP32_EFFECT, "param_dtype": "torch.bfloat16", "logits_dtype": "torch.bfloat16"})
+                                   "loss_scaler": "vitbench.step.LossScaler (dynamic, global)"})
+    precision.SPECS["bf16"].verify({**FP32_EFFECT, "logits_dtype": "torch.bfloat16"})  # autocast, fp32 weights
 
 
 def build(tmp_path, cfg, **kw):
@@ -44,17 +45,18 @@ def test_flags_are_written_into_the_shipped_configs(tmp_path):
                              world_size=8, clip_grad=1.0, precision=precision.SPECS["amp"], zero_stage=None)
         assert cfg["zero_optimization"]["stage"] == stage
         assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (32, 4)
-        assert cfg["train_batch_size"] == 32 * 4 * 8 and cfg["gradient_clipping"] == 1.0
+        assert cfg["train_batch_size"] == 32 * 4 * 8 and cfg["gradient_clipping"] == 0.0  # RecipeAdamW clips
         assert cfg["torch_autocast"] == {"enabled": True, "dtype": "torch.float16"}
         assert cfg["fp16"] == {"enabled": False} and cfg["bf16"] == {"enabled": False}
         assert cfg["timers"]["throughput"]["enabled"] is False
 
 
 def test_zero_stage_flag_overrides_and_user_keys_survive(tmp_path):
-    cfg = build(tmp_path, {"zero_optimization": {"stage": 1, "overlap_comm": True}, "bf16": {"enabled": True}},
-                precision="bf16", zero_stage=3)
+    cfg = build(tmp_path, {"zero_optimization": {"stage": 1, "overlap_comm": True}, "fp16": {"enabled": True}},
+                precision="fp16", zero_stage=3)
     assert cfg["zero_optimization"] == {"stage": 3, "overlap_comm": True}
-    assert cfg["bf16"] == {"enabled": True} and cfg["torch_autocast"] == {"enabled": False}
+    assert cfg["fp16"]["enabled"] is True and cfg["torch_autocast"] == {"enabled": False}
+    assert build(tmp_path, {}, precision="bf16")["torch_autocast"] == {"enabled": True, "dtype": "torch.bfloat16"}
 
 
 def test_a_users_fp16_loss_scaling_is_kept_and_ours_fills_in_the_rest(tmp_path):
@@ -148,87 +150,112 @@ def test_committed_launch_configs_load_as_accelerate_reads_them(name, machines, 
 
 
 # ---- the DeepSpeed adapters, on real engines -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-process gloo group in this process, so that real DeepSpeed engines can be built in-process."""
-    import os
-
-    import torch.distributed as dist
-
-    from vitbench.runinfo import free_port
-
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-def engine_for(label: str, stage: int):
+def engine_for(label: str, stage: int, grad_accum: int = 1):
+    """A real engine wired as the trainer wires it (step.make_optimizer + step.attach), on one rank."""
     import deepspeed
     import torch
+
+    from vitbench import step
 
     spec = precision.SPECS[label]
     precision.set_tf32(spec.tf32)  # what the trainer does before building its engine
-    cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=2, grad_accum=1, world_size=1,
+    cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=2, grad_accum=grad_accum, world_size=1,
                          clip_grad=1.0, precision=spec, zero_stage=stage)
     model = torch.nn.Linear(4, 3)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
-    return spec, engine
+    opt = step.make_optimizer(model.parameters(), precision=spec, lr=1e-3, weight_decay=0.0, clip_grad=1.0,
+                              loss_scaling={"init_scale": 2.0**16} if spec.loss_scaler == "vitbench" else None,
+                              device="cpu")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    step.attach(engine, opt, world_size=1, zero_stage=stage)
+    return spec, engine, opt
 
 
-@pytest.mark.parametrize("label, stage", [("amp", 0), ("amp", 1), ("amp", 2), ("fp32", 1), ("bf16", 0), ("bf16", 1)])
+@pytest.mark.parametrize("label, stage", [("amp", 0), ("amp", 1), ("amp", 2), ("amp", 3), ("fp32", 1),
+                                          ("bf16", 0), ("bf16", 1)])
 def test_deepspeed_adapters_read_what_the_engine_runs(one_rank_group, label, stage):
     """Fails when a DeepSpeed upgrade moves the loss scaler, the skipped-step count or what in_effect reads."""
-    import torch
-
-    spec, engine = engine_for(label, stage)
-    effect = precision.in_effect(engine)
-    spec.verify(effect)  # the real engine is what the label promises
-    other = "bf16" if label != "bf16" else "fp32"
-    with pytest.raises(precision.PrecisionError):
-        precision.SPECS[other].verify(effect)
-    assert precision.loss_scale(engine) == (2.0**16 if spec.loss_scaler else None)
-    assert precision.skipped_steps(engine) == 0
-    loss = engine(torch.randn(2, 4, dtype=spec.input_dtype)).float().mean() * 1e-3  # no fp16 overflow at 2**16
-    engine.backward(loss)
-    engine.step()
-    assert precision.skipped_steps(engine) == 0 and engine.global_steps == 1
-    if stage > 0:  # DeepSpeed's ZeRO optimizer checks every step for overflow and counts what it skips
-        engine.backward(engine(torch.randn(2, 4, dtype=spec.input_dtype)).float().sum() * float("inf"))
-        engine.step()
-        assert precision.skipped_steps(engine) == 1
-        precision.back_off_after_skip(engine)  # ZeRO skipped before the autocast scaler saw the overflow
-        assert precision.loss_scale(engine) == (2.0**15 if spec.loss_scaler else None)
-
-
-@pytest.mark.parametrize("stage, optimizer", [(1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer"),
-                                              (3, "DeepSpeedZeroOptimizer_Stage3")])
-def test_bf16_with_accumulation_sums_gradients_in_fp32(one_rank_group, stage, optimizer):
-    """The recipe's 1x1 row accumulates 16 micro-batches: DeepSpeed would sum them in bf16 unless told."""
     import deepspeed
     import torch
 
-    spec = precision.SPECS["bf16"]
-    cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=2, grad_accum=2, world_size=1,
-                         clip_grad=1.0, precision=spec, zero_stage=stage)
-    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
-    model = torch.nn.Linear(4, 3)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+    from vitbench import step
+
+    spec, engine, opt = engine_for(label, stage)
     effect = precision.in_effect(engine)
-    assert (effect["deepspeed_optimizer"], effect["grad_accum_dtype"]) == (optimizer, "torch.float32")
+    spec.verify(effect)  # the real engine is what the label promises
+    assert effect["gradient_clipping"] == "vitbench.step.RecipeAdamW" and engine.gradient_clipping() == 0
+    other = "fp32" if label != "fp32" else "amp"
+    with pytest.raises(precision.PrecisionError):
+        precision.SPECS[other].verify({**effect, "logits_dtype": str(spec.compute_dtype)})
+    assert precision.loss_scale(engine) == (2.0**16 if spec.loss_scaler else None)
+    outcome = step.StepOutcome(engine, opt)
+    engine.backward(engine(torch.randn(2, 4)).float().mean())
+    engine.step()
+    assert outcome.skipped() is not True and not bool(outcome.skipped()) and engine.global_steps == 1
+    # a non-finite gradient: never applied; under amp the scale backs off (DeepSpeed's decision at ZeRO-3,
+    # RecipeAdamW's elsewhere), without one it is what the guard calls a bad step
+    def weights():
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+            return [p.detach().clone() for p in engine.module.parameters()]
+    before = weights()
+    engine.backward(engine(torch.randn(2, 4)).float().sum() * float("inf"))
+    engine.step()
+    assert bool(outcome.skipped())
+    assert all(torch.equal(a, b) for a, b in zip(before, weights()))
+    assert precision.loss_scale(engine) == (2.0**15 if spec.loss_scaler else None)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_with_accumulation_sums_gradients_in_fp32(one_rank_group, stage):
+    """The recipe's 1x1 row accumulates 16 micro-batches: bf16 is autocast over fp32 weights, so every
+    gradient, and what the micro-batches sum into, is fp32 (DeepSpeed's bf16 weights summed in bf16)."""
+    import torch
+
+    spec, engine, _ = engine_for("bf16", stage, grad_accum=2)
+    effect = precision.in_effect(engine)
+    assert (effect["param_dtype"], effect["autocast_dtype"], effect["grad_accum_dtype"]) == \
+        ("torch.float32", "torch.bfloat16", "torch.float32")
     for _ in range(2):  # one optimizer step of two micro-batches
-        engine.backward(engine(torch.randn(2, 4, dtype=torch.bfloat16)).float().mean())
+        logits = engine(torch.randn(2, 4))
+        assert logits.dtype == torch.bfloat16
+        engine.backward(logits.float().mean())
         engine.step()
     assert engine.global_steps == 1
-    # without accumulation nothing is summed: the config says nothing, DeepSpeed keeps its default
-    assert "data_types" not in dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=2, grad_accum=1,
-                                              world_size=1, clip_grad=1.0, precision=spec, zero_stage=stage)
 
 
-def test_a_users_16_bit_gradient_accumulation_is_refused(tmp_path):
-    with pytest.raises(dsconfig.ConfigError, match="data_types.grad_accum_dtype=bf16 would sum the bf16 gradients"):
-        build(tmp_path, {"data_types": {"grad_accum_dtype": "bf16"}}, precision="bf16", grad_accum=4)
+def test_fp16_weights_with_accumulation_sum_gradients_in_fp32(tmp_path):
+    cfg = build(tmp_path, {}, precision="fp16", grad_accum=4)
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert cfg["gradient_clipping"] == 1.0  # DeepSpeed's fp16 optimizers clip against their own loss scale
+    with pytest.raises(dsconfig.ConfigError, match="data_types.grad_accum_dtype=fp16 would sum the fp16 gradients"):
+        build(tmp_path, {"data_types": {"grad_accum_dtype": "fp16"}}, precision="fp16", grad_accum=4)
+
+
+@pytest.mark.parametrize("label", ["fp32", "amp", "bf16"])
+def test_our_optimizer_clips_and_deepspeed_reads_no_norm(tmp_path, label):
+    """RecipeAdamW clips; DeepSpeed's clipping and its ZeRO 1-2 norm (host syncs) are off; no overlap (and its
+    per-backward device sync) at one process."""
+    for stage in (1, 2):
+        one = build(tmp_path, {"zero_optimization": {"stage": stage, "overlap_comm": True}}, precision=label,
+                    world_size=1, grad_accum=1)
+        assert one["gradient_clipping"] == 0.0 and one["zero_optimization"]["compute_grad_norm"] is False
+        assert one["zero_optimization"]["overlap_comm"] is False
+        many = build(tmp_path, {"zero_optimization": {"stage": stage, "overlap_comm": True}}, precision=label)
+        assert many["zero_optimization"]["overlap_comm"] is True  # 8 ranks: there is communication to overlap
+
+
+def test_amp_applies_a_users_fp16_scaling_keys_or_refuses_them_naming_the_key(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"fp16": {"enabled": "auto", "initial_scale_power": 12, "loss_scale_window": 500,
+                                         "loss_scale": 0}}))
+    assert dsconfig.amp_loss_scaling(path) == {"init_scale": 2.0**12, "growth_interval": 500}
+    path.write_text(json.dumps({"fp16": {"enabled": "auto"}}))
+    assert dsconfig.amp_loss_scaling(path) == {"init_scale": 2.0**16, "growth_interval": 2000}  # GradScaler's
+    for section, message in [({"hysteresis": 2}, "fp16.hysteresis has no counterpart under --precision amp"),
+                             ({"min_loss_scale": 1}, "fp16.min_loss_scale has no counterpart"),
+                             ({"loss_scale": 128}, "fp16.loss_scale has no counterpart"),
+                             ({"initial_scale_power": "16"}, "fp16.initial_scale_power='16' must be an integer"),
+                             ({"loss_scale_window": 0}, "fp16.loss_scale_window=0 must be an integer from 1")]:
+        path.write_text(json.dumps({"fp16": section}))
+        with pytest.raises(dsconfig.ConfigError, match=message) as e:
+            dsconfig.amp_loss_scaling(path)
+        assert str(path) in str(e.value)

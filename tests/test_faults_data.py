@@ -305,3 +305,40 @@ def test_wandb_unreachable_falls_back_to_offline_files(demo_shards, tmp_path):
     assert "logging offline instead" in proc.stdout and "wandb sync" in proc.stdout
     steps = [row["train/step"] for row in wandb_history(out) if "train/step" in row]
     assert steps == [1, 2, 3] and results(out)["global_step"] == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda split: split["shard_lengths"].__setitem__(0, float("inf")), "shard length inf; lengths are integers"),
+    (lambda split: split["shard_lengths"].__setitem__(0, -3), "shard length -3"),
+    (lambda split: split["shard_lengths"].__setitem__(0, 2.5), "shard length 2.5"),
+    (lambda split: split["filenames"].__setitem__(1, split["filenames"][0]), "more than once"),
+])
+def test_a_manifest_that_lies_is_refused_naming_the_file(demo_shards, tmp_path, change, message):
+    """_info.json as JSON allows it (Infinity included): refused at start, never a traceback or a double count."""
+    shards = copy_shards(demo_shards, tmp_path / "d")
+    meta = info(shards)
+    change(meta["splits"]["validation"])
+    (shards / "_info.json").write_text(json.dumps(meta))  # json writes inf as Infinity
+    with pytest.raises(data.DataError, match=message) as e:
+        data.load_split(shards, "validation")
+    assert str(shards / "_info.json") in str(e.value)
+
+
+def test_prep_refuses_a_malformed_info_file_or_class_index_naming_it(tmp_path):
+    from vitbench import prep
+
+    src = tmp_path / "src"
+    demo.make_imagefolder(src, train_per_class=1, val_per_class=0, seed=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_info.json").write_text('{"splits": ')
+    with pytest.raises(prep.PrepError, match=f"{out / '_info.json'}: not valid JSON"):
+        prep.prepare(src / "train", out, "train", progress=False)
+    (out / "_info.json").write_text('["a list"]')
+    with pytest.raises(prep.PrepError, match="not an _info.json object"):
+        prep.prepare(src / "train", out, "train", progress=False)
+    assert (out / "_info.json").read_text() == '["a list"]' and not list(out.glob("*.tar")), "nothing overwritten"
+    index = tmp_path / "index.json"
+    index.write_text("{not json")
+    with pytest.raises(prep.PrepError, match=f"{index}: not valid JSON"):
+        prep.read_class_index(index)

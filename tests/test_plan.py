@@ -32,11 +32,12 @@ def make(demo_shards, flags, environ=ONE, machine=H200, **kw):
 
 # (flags, environment, machine) -> the Plan's fields: FlagPerf's recipe on each layout, one recipe for every row
 DECIDED = [
-    ([], ONE, H200, dict(grad_accum=16, lr=3e-3, zero_stage=1, world_size=1, nnodes=1)),
+    ([], ONE, H200, dict(grad_accum=16, lr=3e-3, zero_stage=0, world_size=1, nnodes=1)),  # ZeRO at 1: overhead
+    ([], ONE_NODE_8, H200, dict(zero_stage=1)),
     ([], ONE_NODE_8, H200, dict(grad_accum=2, nnodes=1, nproc_per_node=8)),
     ([], TWO_NODES_8, H200, dict(grad_accum=1, nnodes=2, nproc_per_node=8, world_size=16)),
     (["--global-batch-size", "2048"], ONE_NODE_8, H200, dict(grad_accum=1, lr=3e-3 * 2048 / 4096)),
-    (["--lr", "0.5", "--zero-stage", "3"], ONE, H200, dict(lr=0.5, zero_stage=3)),
+    (["--lr", "0.5", "--zero-stage", "3"], ONE_NODE_8, H200, dict(lr=0.5, zero_stage=3)),
     (["--max-steps", "3", "--epochs", "300"], ONE, H200, dict(total_steps=3)),
     (["--global-batch-size", "16", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "0.5"], ONE, CPU,
      dict(steps_per_epoch=120 // 16, total_steps=2 * (120 // 16), warmup_steps=round(0.5 * (120 // 16)))),
@@ -56,17 +57,19 @@ def test_the_plan_decides_layout_batch_and_schedule_once(demo_shards, flags, env
     ("fp32", CPU, dict(param_dtype="torch.float32", tf32=False, loss_scaler=None, autocast=False)),
     ("tf32", H200, dict(param_dtype="torch.float32", tf32=True, peak_class="tf32")),
     ("amp", CPU, dict(param_dtype="torch.float32", compute_dtype="torch.float16", autocast=True,
-                      loss_scaler="torch.amp.GradScaler")),
+                      loss_scaler="vitbench")),
     ("fp16", V100, dict(param_dtype="torch.float16", loss_scaler="deepspeed")),
-    ("bf16", H200, dict(param_dtype="torch.bfloat16", compute_dtype="torch.bfloat16", loss_scaler=None)),
+    ("bf16", H200, dict(param_dtype="torch.float32", compute_dtype="torch.bfloat16", autocast=True,
+                        loss_scaler=None)),
 ])
 def test_what_a_precision_label_means_is_one_spec_and_the_deepspeed_config_follows_it(demo_shards, label,
                                                                                        machine, spec):
     p = make(demo_shards, ["--precision", label], machine=machine)
     assert {k: p.precision.to_json()[k] for k in spec} == spec
     ds = p.ds_config
-    assert ds["fp16"]["enabled"] == (label == "fp16") and ds["bf16"]["enabled"] == (label == "bf16")
-    assert ds["torch_autocast"]["enabled"] == (label == "amp")
+    assert ds["fp16"]["enabled"] == (label == "fp16") and ds["bf16"]["enabled"] is False
+    assert ds["torch_autocast"]["enabled"] == (label in ("amp", "bf16"))
+    assert ds["gradient_clipping"] == (1.0 if label == "fp16" else 0.0)  # else RecipeAdamW clips
     assert p.precision.input_dtype == p.precision.param_dtype
 
 
@@ -106,7 +109,7 @@ def test_a_missing_data_dir_and_a_contradicting_config_name_the_file(demo_shards
 
 
 def test_the_launch_config_and_the_flag_choose_the_deepspeed_config(demo_shards):
-    zero3 = {**ONE, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "ds_configs" / "zero3.json")}
+    zero3 = {**ONE_NODE_8, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "ds_configs" / "zero3.json")}
     assert make(demo_shards, [], zero3).zero_stage == 3
     assert make(demo_shards, ["--deepspeed-config", str(REPO / "ds_configs" / "zero2.json")], zero3).zero_stage == 2
     assert make(demo_shards, ["--zero-stage", "0"], zero3).zero_stage == 0
@@ -228,9 +231,36 @@ def test_a_directory_that_holds_a_run_is_refused_without_resume_and_a_finished_r
     assert make(demo_shards, [*flags[:-1], "9", "--resume", "auto"]).finished is None  # a longer run goes on
 
 
-def test_bf16_accumulation_at_zero0_is_refused_and_elsewhere_sums_in_fp32(demo_shards):
-    with pytest.raises(UserError, match="--precision bf16 with 16 micro-batches per step at ZeRO-0 .* fp32 only"):
-        make(demo_shards, ["--precision", "bf16", "--zero-stage", "0"], ONE, H200)
-    assert make(demo_shards, ["--precision", "bf16"], ONE, H200).ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
-    assert make(demo_shards, ["--precision", "bf16", "--zero-stage", "0", "--global-batch-size", "4096"],
-                TWO_NODES_8, H200).grad_accum == 1  # nothing accumulated: ZeRO-0 is fine
+def test_fp16_weights_accumulation_at_zero0_is_refused_and_one_process_keeps_zero_for_it(demo_shards):
+    with pytest.raises(UserError, match="--precision fp16 with 2 micro-batches per step at ZeRO-0 .* fp32 only"):
+        make(demo_shards, ["--precision", "fp16", "--zero-stage", "0"], ONE_NODE_8, H200)
+    one = make(demo_shards, ["--precision", "fp16"], ONE, H200)  # 16 micro-batches: ZeRO-1 sums them in fp32
+    assert one.zero_stage == 1 and one.ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert make(demo_shards, ["--precision", "bf16", "--zero-stage", "0"], ONE, H200).grad_accum == 16  # fp32 grads
+
+
+def test_zero_at_one_process_runs_zero_0_and_says_so_unless_it_offloads(demo_shards, tmp_path):
+    p = make(demo_shards, ["--zero-stage", "2"], ONE, H200)
+    assert p.zero_stage == 0 and p.ds_config["zero_optimization"]["stage"] == 0
+    assert any("ZeRO-2 partitions across processes; with one it only adds copies" in w for w in p.warnings)
+    assert make(demo_shards, ["--zero-stage", "2"], ONE_NODE_8, H200).zero_stage == 2
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    assert make(demo_shards, ["--deepspeed-config", str(offload)], ONE, H200).zero_stage == 2  # saves memory
+
+
+def test_amp_loss_scaling_comes_from_the_configs_fp16_keys(demo_shards, tmp_path):
+    assert make(demo_shards, ["--precision", "amp"]).loss_scaling == {"init_scale": 2.0**16, "growth_interval": 2000}
+    assert make(demo_shards, ["--precision", "bf16"]).loss_scaling is None
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"fp16": {"initial_scale_power": 10, "hysteresis": 4}}))
+    with pytest.raises(UserError, match=f"{cfg}: fp16.hysteresis has no counterpart under --precision amp"):
+        make(demo_shards, ["--precision", "amp", "--deepspeed-config", str(cfg)])
+
+
+def test_a_bad_wandb_init_timeout_is_refused_at_start(demo_shards):
+    """It would make W&B fail at start, and the run keep no W&B files at all."""
+    for value in ("abc", "inf", "-1"):
+        with pytest.raises(UserError, match=f"WANDB_INIT_TIMEOUT='{value}' is not a number of seconds"):
+            make(demo_shards, ["--wandb", "offline"], {**ONE, "WANDB_INIT_TIMEOUT": value})
+    make(demo_shards, ["--wandb", "off"], {**ONE, "WANDB_INIT_TIMEOUT": "abc"})  # W&B off: not read

@@ -110,12 +110,18 @@ def load_split(data_dir: str | Path, split: str) -> ShardSet:
         info = json.loads(info_path.read_text())
         entry = info["splits"][split]
         names = list(entry["filenames"])
-        lengths = [int(n) for n in entry["shard_lengths"]]
+        lengths = list(entry["shard_lengths"])
         num_classes = int(info.get("num_classes") or len(info.get("classes", [])) or 1000)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
         raise DataError(f"{info_path}: no usable '{split}' split ({type(e).__name__}: {e})") from None
     if len(names) != len(lengths) or num_classes < 1:
         raise DataError(f"{info_path}: split '{split}' lists {len(names)} shards but {len(lengths)} shard_lengths")
+    bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad:  # JSON lets a file say Infinity, NaN, -3 or 2.5 samples
+        raise DataError(f"{info_path}: split '{split}' has shard length {bad[0]!r}; lengths are integers >= 0")
+    twice = sorted({n for n in names if names.count(n) > 1}, key=str)
+    if twice:  # a shard read twice a pass would be evaluated twice
+        raise DataError(f"{info_path}: split '{split}' lists shard {twice[0]!r} more than once")
     for name in names:
         check_shard_name(name, info_path)
     urls = [str(data_dir / f) for f in names]

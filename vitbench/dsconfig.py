@@ -35,15 +35,24 @@ def _merge_section(path: Path, key: str, theirs, wanted: dict, label: str) -> di
     return {**wanted, **theirs} if wanted["enabled"] else {"enabled": False}
 
 
-def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, clip_grad: float | None,
-          precision, zero_stage: int | None, throughput_timer: bool = False) -> dict:
-    """The config at PATH with the flags written in; PRECISION is a precision.PrecisionSpec."""
+def _read(path: Path) -> dict:
     try:
         cfg = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: DeepSpeed config not found") from None
     except ValueError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return cfg
+
+
+def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, clip_grad: float | None,
+          precision, zero_stage: int | None, throughput_timer: bool = False) -> dict:
+    """The config at PATH with the flags written in; PRECISION is a precision.PrecisionSpec.
+    Clipping is DeepSpeed's only under fp16 weights (its fp16 optimizers clip against their own loss scale);
+    otherwise step.RecipeAdamW clips and DeepSpeed's clipping and ZeRO norm (host syncs, see step.py) are off."""
+    cfg = _read(path)
     if "optimizer" in cfg or "scheduler" in cfg:
         raise ConfigError(f"{path}: has an 'optimizer' or 'scheduler' section; train_vit.py owns both "
                           "(--lr, --weight-decay, --epochs, --warmup-epochs): remove them")
@@ -51,7 +60,7 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
-        "gradient_clipping": clip_grad or 0.0,
+        "gradient_clipping": clip_grad or 0.0,  # compared with the user's file; written below
     }
     for key, value in ours.items():
         if key in cfg and cfg[key] != "auto" and cfg[key] != value:
@@ -68,12 +77,45 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
                               f"gradients of {grad_accum} micro-batches in {theirs}; remove it (fp32 is used)")
         types["grad_accum_dtype"] = "fp32"
     cfg.update(ours)
+    if not precision.deepspeed_clips:
+        cfg["gradient_clipping"] = 0.0
     zero = cfg.setdefault("zero_optimization", {})
     if zero_stage is not None:
         zero["stage"] = zero_stage
     zero.setdefault("stage", 0)
+    if world_size == 1:  # nothing to overlap, and DeepSpeed synchronizes the device after each backward for it
+        zero.pop("overlap_comm", None) if zero["stage"] == 0 else zero.__setitem__("overlap_comm", False)
+    if zero["stage"] > 0:  # step.RecipeAdamW is torch's fused AdamW with the recipe's clipping: not on its list
+        cfg["zero_allow_untested_optimizer"] = True
+    if zero["stage"] in (1, 2) and not precision.deepspeed_clips:
+        zero["compute_grad_norm"] = False  # RecipeAdamW computes the norm; DeepSpeed's reads values back
     # DeepSpeed's throughput timer synchronizes the device every step; our profiler measures instead. It is
     # on only when asked for, as an independent second opinion on p_core (benchmarks).
     cfg["timers"] = {"throughput": {"enabled": throughput_timer, "synchronized": throughput_timer}}
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
+
+
+# The fp16 keys torch's GradScaler rule has a counterpart for, with their ranges; under --precision amp they set
+# step.LossScaler's initial scale (2**power) and growth interval.
+AMP_SCALING_KEYS = {"initial_scale_power": (0, 64), "loss_scale_window": (1, 10**9)}
+
+
+def amp_loss_scaling(path: Path) -> dict:
+    """--precision amp: the user's `fp16.initial_scale_power` / `fp16.loss_scale_window` become the loss
+    scaler's initial scale and growth interval; an fp16 key with no counterpart in that rule is refused."""
+    section = _read(path).get("fp16")
+    scaling = {"init_scale": 2.0**16, "growth_interval": 2000}  # GradScaler's defaults
+    for key, value in section.items() if isinstance(section, dict) else ():
+        if key == "enabled" or value == "auto" or (key == "loss_scale" and value == 0):  # 0: dynamic, as ours
+            continue
+        if key not in AMP_SCALING_KEYS:
+            raise ConfigError(f"{path}: fp16.{key} has no counterpart under --precision amp (dynamic scaling by "
+                              "torch's GradScaler rule, set by fp16.initial_scale_power and fp16.loss_scale_window); "
+                              "remove it")
+        low, high = AMP_SCALING_KEYS[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+            raise ConfigError(f"{path}: fp16.{key}={value!r} must be an integer from {low} to {high}")
+        scaling["init_scale" if key == "initial_scale_power" else "growth_interval"] = \
+            2.0**value if key == "initial_scale_power" else value
+    return scaling

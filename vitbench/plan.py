@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitbench import checkpoint, dali_loader, data, dsconfig
+from vitbench import checkpoint, dali_loader, data, dsconfig, tracking
 from vitbench.errors import UserError
 from vitbench.loaders import LoaderSpec
 from vitbench.precision import SPECS, PrecisionSpec
@@ -44,6 +44,7 @@ class Plan:
     ds_config: dict = field(repr=False)
     zero_stage: int = 0
     grad_accum: int = 1
+    loss_scaling: dict | None = None  # amp: step.LossScaler's init_scale and growth_interval
     lr: float = 0.0
     steps_per_epoch: int = 1
     total_steps: int = 1
@@ -75,6 +76,7 @@ class Plan:
                          "validation_shards": len(self.val.urls), "validation_samples": self.val.num_samples,
                          "num_classes": self.train.num_classes},
                 "deepspeed_config": self.ds_config, "zero_stage": self.zero_stage, "grad_accum_steps": self.grad_accum,
+                "loss_scaling": self.loss_scaling,
                 "lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps, "pass_coverage": self.pass_coverage,
                 "output_dir": str(self.output_dir) if self.output_dir else None,
@@ -105,6 +107,8 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     if per_node * max(workers, 1) > machine.cpus:
         warnings.append(f"{per_node} ranks x {workers} loader workers on {machine.cpus} usable CPUs: the loaders "
                         "will compete for cores (lower --workers, or give the job more CPUs)")
+    if args.wandb != "off":
+        tracking.init_timeout(environ)
     precision = SPECS[args.precision or default_precision(lay["nnodes"], machine)]
     precision.check_supported(machine)
     loader = LoaderSpec(args.loader, workers, args.batch_size, args.aug_repeats, args.aa or None,
@@ -115,15 +119,6 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     if loader.kind == "dali" and world > 1 and dali_loader.index_paths(train) is None:
         warnings.append(f"--loader dali without index files: each of the {world} ranks reads every train shard's "
                         "headers at start; write them once with `shards/prep_shards.py --split train --dali-index`")
-    ds_config = dsconfig.build(dsconfig.config_path(args.deepspeed_config, environ), micro_batch=args.batch_size,
-                               grad_accum=args.global_batch_size // per_step, world_size=world,
-                               clip_grad=args.clip_grad, precision=precision, zero_stage=args.zero_stage,
-                               throughput_timer=args.deepspeed_throughput_timer)
-    zero_stage = ds_config["zero_optimization"]["stage"]
-    if precision.half_weights and ds_config["gradient_accumulation_steps"] > 1 and zero_stage == 0:
-        raise PlanError(f"--precision {precision.label} with {ds_config['gradient_accumulation_steps']} micro-batches "
-                        "per step at ZeRO-0 would sum their gradients in 16 bits: DeepSpeed sums them in fp32 only "
-                        "under ZeRO 1-3; use --zero-stage 1 (or a larger --batch-size)")
     output_dir = Path(args.output_dir) if args.output_dir else \
         Path(repo) / "runs" / args.run_name if args.run_name else None
     resume_from = checkpoint.resolve_resume(args.resume, output_dir / "checkpoints" if output_dir else None,
@@ -131,8 +126,26 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     if output_dir is not None and not args.resume and (held := checkpoint.held_run(output_dir)):
         raise PlanError(f"{output_dir} holds a run already ({held}): --resume auto continues it; a new run needs a "
                         "new --output-dir (or --run-name)")
+    marker = checkpoint.read_marker(resume_from) if resume_from is not None else {}
+    ds_path = dsconfig.config_path(args.deepspeed_config, environ)
+
+    def ds_build(stage):
+        return dsconfig.build(ds_path, micro_batch=args.batch_size, grad_accum=args.global_batch_size // per_step,
+                              world_size=world, clip_grad=args.clip_grad, precision=precision, zero_stage=stage,
+                              throughput_timer=args.deepspeed_throughput_timer)
+    ds_config = ds_build(args.zero_stage)
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    if world == 1 and zero_stage > 0 and _zero_is_pure_overhead(ds_config, precision, (marker or {}).get("zero_stage")):
+        warnings.append(f"ZeRO-{zero_stage} partitions across processes; with one it only adds copies and memory, "
+                        "so this launch runs ZeRO-0, which applies the same update")
+        ds_config, zero_stage = ds_build(0), 0
+    loss_scaling = dsconfig.amp_loss_scaling(ds_path) if precision.loss_scaler == "vitbench" else None
+    if precision.half_weights and ds_config["gradient_accumulation_steps"] > 1 and zero_stage == 0:
+        raise PlanError(f"--precision {precision.label} with {ds_config['gradient_accumulation_steps']} micro-batches "
+                        "per step at ZeRO-0 would sum their gradients in 16 bits: DeepSpeed sums them in fp32 only "
+                        "under ZeRO 1-3; use --zero-stage 1 (or a larger --batch-size)")
     universal = resume_from is not None and checkpoint.check_layout(
-        checkpoint.read_marker(resume_from), world_size=world, zero_stage=zero_stage,
+        marker, world_size=world, zero_stage=zero_stage,
         global_batch=args.global_batch_size, precision=precision.label,
         model={"model": args.model, "model_kwargs": model_kwargs})
     if universal:
@@ -148,11 +161,20 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     return Plan(
         **lay, model=args.model, model_kwargs=model_kwargs, img_size=loader.img_size, n_params=n_params,
         precision=precision, loader=loader, train=train, val=val, ds_config=ds_config, zero_stage=zero_stage,
-        grad_accum=grad_accum, pass_coverage=coverage,
+        grad_accum=grad_accum, pass_coverage=coverage, loss_scaling=loss_scaling,
         lr=args.lr or args.lr_base * args.global_batch_size / args.lr_base_size,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, finished=finished,
         warmup_steps=round(args.warmup_epochs * steps_per_epoch), run_name=args.run_name, output_dir=output_dir,
         resume_from=resume_from, universal=universal, fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
+
+
+def _zero_is_pure_overhead(ds_config: dict, precision, checkpoint_stage: int | None) -> bool:
+    """At one process ZeRO partitions nothing; it still pays where it offloads to CPU memory, where fp16 weights
+    need it to sum accumulated gradients in fp32, and where a ZeRO checkpoint is resumed in place."""
+    zero = ds_config["zero_optimization"]
+    offloads = any((zero.get(k) or {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+    fp32_accumulation = precision.half_weights and ds_config["gradient_accumulation_steps"] > 1
+    return not (offloads or fp32_accumulation or checkpoint_stage)
 
 
 def default_precision(nnodes: int, machine: MachineFacts) -> str:

@@ -3,9 +3,11 @@ machine can run it, and a run-time check that what runs is what the label says.
 
   fp32  fp32 weights and math; TF32 off for matmul and cuDNN (FlagPerf's "fp32" rows really ran AMP)
   tf32  fp32 weights; TF32 tensor-core math for matmul and cuDNN
-  amp   fp32 weights, fp16 autocast, dynamic loss scaling (DeepSpeed `torch_autocast` + GradScaler)
+  amp   fp32 weights, fp16 autocast (DeepSpeed `torch_autocast`), dynamic loss scaling (step.LossScaler)
   fp16  DeepSpeed fp16: fp16 weights, fp32 master copy, dynamic loss scale (FlagPerf's `fp16`)
-  bf16  DeepSpeed bf16: bf16 weights, fp32 master copy
+  bf16  fp32 weights, bf16 autocast (DeepSpeed `torch_autocast`): a plain PyTorch bf16 step. DeepSpeed's bf16
+        weights ran a per-tensor optimizer at ZeRO-0 (~160 host syncs a step on ViT-B/16) and summed
+        accumulated gradients in bf16 unless told otherwise; autocast keeps fp32 gradients everywhere.
 
 The DeepSpeed adapters at the end (loss scale, skipped steps, what is in effect) are the only code that reads
 DeepSpeed engine attributes outside its documented API; tests/test_config.py builds real engines and fails
@@ -35,14 +37,20 @@ class PrecisionSpec:
     param_dtype: torch.dtype  # the weights, and so the images fed to the model
     compute_dtype: torch.dtype  # the forward pass (the logits' dtype)
     autocast: bool  # fp32 weights, torch autocast to compute_dtype
-    loss_scaler: str | None  # "deepspeed" (fp16 optimizer), "torch.amp.GradScaler" (autocast) or None
+    loss_scaler: str | None  # "deepspeed" (its fp16 optimizer), "vitbench" (step.LossScaler, amp) or None
     tf32: bool
     peak_class: str  # the datasheet column MFU divides by
 
     @property
     def half_weights(self) -> bool:
-        """16-bit weights (fp16, bf16): gradients of several micro-batches must be summed in fp32."""
+        """16-bit weights (fp16): gradients of several micro-batches must be summed in fp32."""
         return self.param_dtype != torch.float32
+
+    @property
+    def deepspeed_clips(self) -> bool:
+        """DeepSpeed's fp16 optimizers scale the loss and clip against that same scale (correctly); every
+        other precision is unscaled, clipped and checked by step.RecipeAdamW, with DeepSpeed's clipping off."""
+        return self.loss_scaler == "deepspeed"
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -52,7 +60,7 @@ class PrecisionSpec:
         """The DeepSpeed config sections that select this precision (the others off)."""
         return {
             "fp16": {"enabled": self.label == "fp16", **FP16_SCALING},
-            "bf16": {"enabled": self.label == "bf16"},
+            "bf16": {"enabled": self.param_dtype == torch.bfloat16},  # DeepSpeed's bf16 weights: no label now
             "torch_autocast": {"enabled": self.autocast, "dtype": str(self.compute_dtype)},
         }
 
@@ -68,7 +76,7 @@ class PrecisionSpec:
             raise PrecisionError(f"--precision {self.label} needs fp16 weights and optimizer support, which "
                                  f"DeepSpeed's '{machine.device_type}' accelerator does not report; use fp32, amp or "
                                  "bf16 here")
-        if self.param_dtype == torch.bfloat16 and not machine.bf16:
+        if self.compute_dtype == torch.bfloat16 and not machine.bf16:
             raise PrecisionError(f"--precision {self.label} is not supported on DeepSpeed's "
                                  f"'{machine.device_type}' accelerator")
 
@@ -99,10 +107,9 @@ _F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
 SPECS = {s.label: s for s in [
     PrecisionSpec("fp32", _F32, _F32, autocast=False, loss_scaler=None, tf32=False, peak_class="fp32"),
     PrecisionSpec("tf32", _F32, _F32, autocast=False, loss_scaler=None, tf32=True, peak_class="tf32"),
-    PrecisionSpec("amp", _F32, _F16, autocast=True, loss_scaler="torch.amp.GradScaler", tf32=False,
-                  peak_class="16bit"),
+    PrecisionSpec("amp", _F32, _F16, autocast=True, loss_scaler="vitbench", tf32=False, peak_class="16bit"),
     PrecisionSpec("fp16", _F16, _F16, autocast=False, loss_scaler="deepspeed", tf32=False, peak_class="16bit"),
-    PrecisionSpec("bf16", _BF16, _BF16, autocast=False, loss_scaler=None, tf32=False, peak_class="16bit"),
+    PrecisionSpec("bf16", _F32, _BF16, autocast=True, loss_scaler=None, tf32=False, peak_class="16bit"),
 ]}
 PRECISIONS = tuple(SPECS)  # the --precision choices, in the order tables show them
 
@@ -115,36 +122,26 @@ def set_tf32(enabled: bool) -> None:
 
 
 # ---- DeepSpeed adapters ---------------------------------------------------------------------------------
-def _autocast_scaler(engine):
-    """The GradScaler DeepSpeed's torch_autocast mode made: on the engine under ZeRO-0, on the ZeRO optimizer
-    under ZeRO 1-2; None when the engine runs without one."""
-    if not (engine.torch_autocast_enabled() and engine.torch_autocast_dtype() == torch.float16):
-        return None
-    if engine.zero_optimization():
-        return engine.optimizer.torch_autocast_gradscaler
-    return engine.torch_autocast_z0_gradscaler
+def _vitbench_scaler(engine):
+    """The step.LossScaler step.attach installed (amp), where DeepSpeed's torch_autocast mode looks for its
+    GradScaler: on the engine under ZeRO-0, on the ZeRO optimizer under ZeRO 1-3; None without one."""
+    holder = engine.optimizer if engine.zero_optimization() else engine
+    attr = "torch_autocast_gradscaler" if engine.zero_optimization() else "torch_autocast_z0_gradscaler"
+    scaler = getattr(holder, attr, None)
+    return scaler if hasattr(scaler, "scale_tensor") else None
 
 
 def loss_scale(engine) -> float | None:
-    """The loss scale in effect: the autocast GradScaler's or DeepSpeed's fp16 optimizer's; None without one."""
-    scaler = _autocast_scaler(engine)
+    """The loss scale in effect (a read back: log rows only): ours under amp, DeepSpeed's fp16 optimizer's."""
+    scaler = _vitbench_scaler(engine)
     if scaler is not None:
-        return float(scaler.get_scale())
+        return scaler.get_scale()
     return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
 
 
-def back_off_after_skip(engine) -> None:
-    """After a step DeepSpeed skipped for overflowed gradients: DeepSpeed's ZeRO optimizer skips before its
-    autocast GradScaler sees the gradients, so that scaler would never back off and every later step would
-    overflow again. Back it off as the GradScaler itself would. (Under ZeRO-0 the GradScaler steps and backs
-    off itself; DeepSpeed's fp16 optimizer scales its own loss.)"""
-    scaler = _autocast_scaler(engine)
-    if scaler is not None and engine.zero_optimization():
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-
-
 def skipped_steps(engine) -> int:
-    """Optimizer steps DeepSpeed has skipped for a gradient overflow since the run began."""
+    """Optimizer steps DeepSpeed's own fp16 optimizer has skipped for an overflow since the run began (a host
+    counter; under every other precision RecipeAdamW skips on the device and DeepSpeed counts none)."""
     return int(engine.skipped_steps)
 
 
@@ -153,8 +150,8 @@ def in_effect(engine, logits_dtype: torch.dtype | None = None) -> dict:
     scaler = None
     if engine.fp16_enabled():
         scaler = "deepspeed dynamic" if engine.dynamic_loss_scale() else "deepspeed static"
-    elif _autocast_scaler(engine) is not None:
-        scaler = "torch.amp.GradScaler (dynamic)"
+    elif _vitbench_scaler(engine) is not None:
+        scaler = "vitbench.step.LossScaler (dynamic, global)"
     return {
         "param_dtype": str(next(engine.module.parameters()).dtype),
         "autocast_dtype": str(engine.torch_autocast_dtype()) if engine.torch_autocast_enabled() else None,
@@ -164,6 +161,7 @@ def in_effect(engine, logits_dtype: torch.dtype | None = None) -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
         "tf32_cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32",
         "loss_scaler": scaler,
+        "gradient_clipping": "deepspeed" if engine.gradient_clipping() else "vitbench.step.RecipeAdamW",
         "grad_accum_dtype": str(engine.get_data_types()[1]),  # what micro-batch gradients are summed in
         "deepspeed_optimizer": type(engine.optimizer).__name__,  # which of DeepSpeed's precision wrappers ran
     }

@@ -57,13 +57,31 @@ def write_json_atomic(path: Path, obj) -> None:
         raise
 
 
+def read_info(info_path: Path, name: str) -> dict:
+    """The `_info.json` already in --out (the other split's), or a new one; a malformed one is refused, never
+    overwritten: it may describe shards that are there."""
+    if not info_path.is_file():
+        return {"name": name, "splits": {}}
+    try:
+        info = json.loads(info_path.read_text())
+        if isinstance(info, dict) and isinstance(info.setdefault("splits", {}), dict):
+            return info
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PrepError(f"{info_path}: not valid JSON ({e}); fix or remove it, or use a new --out") from None
+    raise PrepError(f"{info_path}: not an _info.json object with a 'splits' mapping; fix or remove it, or use a "
+                    "new --out")
+
+
 def read_class_index(path: Path) -> dict[str, int]:
     """`--class-index`: a JSON object {wnid: index} or a text file with one wnid per line."""
     if not path.is_file():
         raise PrepError(f"{path}: class-index file not found")
     text = path.read_text()
     if path.suffix == ".json":
-        mapping = json.loads(text)
+        try:
+            mapping = json.loads(text)
+        except ValueError as e:
+            raise PrepError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(mapping, dict):
             raise PrepError(f"{path}: expected a JSON object {{wnid: index}}")
         return check_class_index(mapping, path)
@@ -260,7 +278,7 @@ def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_si
         raise PrepError(f"--shard-size must be >= 1, got {shard_size}")
     sources, classes = scan_sources(src, read_class_index(class_index) if class_index else None)
     info_path = out / INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {"name": name, "splits": {}}
+    info = read_info(info_path, name)
     if info.get("classes") not in (None, classes):
         raise PrepError(f"{info_path}: its class list differs from {src}'s; use --class-index or a new --out")
     check_writable(out)
@@ -357,7 +375,7 @@ def _prepare(src, out, split, name, shard_size, workers, seed, max_side, sources
         "max_side": max_side,
     }
     # Re-read just before writing: the other split may have been prepared meanwhile.
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {"name": name, "splits": {}}
+    info = read_info(info_path, name)
     info.update(name=name, num_classes=len(classes), classes=classes)
     info["splits"][split] = entry
     write_json_atomic(info_path, info)

@@ -15,11 +15,25 @@ import time
 import warnings
 from pathlib import Path
 
+from vitbench.errors import UserError
 from vitbench.metrics import EPOCH, EVAL_PREFIX, STEP, TRAIN_PREFIX
 
 METRICS_FILE = "metrics.jsonl"
 
 TABLE_COLUMNS = ["config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"]
+
+
+def init_timeout(environ=os.environ) -> float:
+    """WANDB_INIT_TIMEOUT (seconds W&B may take to start), checked before any work: a bad value would make
+    W&B fail at start and the run keep no W&B files at all."""
+    text = environ.get("WANDB_INIT_TIMEOUT", "30")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"WANDB_INIT_TIMEOUT={text!r} is not a number of seconds > 0; unset it (30 s) or fix it")
+    return value
 
 
 class Tracker:
@@ -61,7 +75,7 @@ class Tracker:
         self.run = wandb.init(project=project, entity=entity, name=name, group=group, config=config,
                               dir=str(self.run_dir), mode=self.mode, reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True,
-                                                     init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30))))
+                                                     init_timeout=init_timeout()))
         self.run.define_metric(f"{TRAIN_PREFIX}step")
         self.run.define_metric(f"{TRAIN_PREFIX}*", step_metric=f"{TRAIN_PREFIX}step")
         self.run.define_metric(f"{EVAL_PREFIX}epoch")

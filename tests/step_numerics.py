@@ -1,0 +1,163 @@
+"""What the optimizer applies, ours against a plain PyTorch step: one case = a precision x ZeRO stage x
+accumulation on the ranks of the current process group. Imported by tests/test_step.py (one rank, in-process)
+and run as a script under `accelerate launch` (two gloo ranks) for the same cases:
+
+    accelerate launch --config_file accelerate_configs/cpu_1x2.yaml tests/step_numerics.py fp32:1:2 amp:2:1 ...
+
+prints one JSON line from rank 0: {"LABEL:STAGE:ACCUM": case result}.
+
+Each case trains STEPS optimizer steps of a small Linear/LayerNorm network on a fixed global batch, the loss
+multiplied per step by LOSS_GAIN, with --clip-grad set from the plain step's first raw norm so that step 1 is
+not clipped and step 2 is. The applied gradient is read where both steps hand it to torch's fused AdamW kernel
+(`torch._fused_adamw_`: the gradients divided by `grad_scale`), so the spy is the same for both.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vitbench import dsconfig, precision, step  # noqa: E402
+
+STEPS = 3
+LOSS_GAIN = (1.0, 10.0, 0.1)  # step 1 under the clip, step 2 over it, step 3 under again
+MICRO, IN, OUT = 4, 16, 10
+INIT_SCALE = 2.0**8  # amp: no fp16 overflow in this network's gradients at this scale, so clipping is exercised
+
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(IN, 64), torch.nn.GELU(), torch.nn.LayerNorm(64),
+                               torch.nn.Linear(64, OUT))
+
+
+def batches(world: int, accum: int):
+    """The global batch of every step: world x accum micro-batches, the same for ours and the plain step."""
+    g = torch.Generator().manual_seed(1)
+    return [[(torch.randn(MICRO, IN, generator=g), torch.randint(0, OUT, (MICRO,), generator=g))
+             for _ in range(world * accum)] for _ in range(STEPS)]
+
+
+class AppliedSpy:
+    """Records, per call of the fused AdamW kernel, the squared norm of what it applies (grad / grad_scale),
+    or None where found_inf makes it skip."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __enter__(self):
+        self.original = torch._fused_adamw_
+
+        def spy(params, grads, *args, grad_scale=None, found_inf=None, **kwargs):
+            if found_inf is not None and float(found_inf) != 0:
+                self.calls.append(None)
+            else:
+                sq = sum(float(g.double().square().sum()) for g in grads)
+                self.calls.append(sq / (float(grad_scale) ** 2 if grad_scale is not None else 1.0))
+            return self.original(params, grads, *args, grad_scale=grad_scale, found_inf=found_inf, **kwargs)
+        torch._fused_adamw_ = spy
+        return self
+
+    def __exit__(self, *exc):
+        torch._fused_adamw_ = self.original
+
+
+def loss_of(model_out, y, gain):
+    return torch.nn.functional.cross_entropy(model_out.float(), y) * gain
+
+
+def plain(label: str, accum: int, world: int, clip: float) -> dict:
+    """The plain PyTorch step (bench/ceiling.py's): autocast, GradScaler for fp16, clip_grad_norm_, fused AdamW."""
+    spec = precision.SPECS[label]
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, enabled=spec.compute_dtype == torch.float16)
+    raw = []
+    with AppliedSpy() as spy:
+        for gain, micro in zip(LOSS_GAIN, batches(world, accum)):
+            for x, y in micro:
+                with torch.autocast("cpu", dtype=spec.compute_dtype, enabled=spec.autocast):
+                    out = model(x)
+                scaler.scale(loss_of(out, y, gain) / len(micro)).backward()
+            scaler.unscale_(opt)
+            raw.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+    return {"raw_norm": raw, "applied_norm": [None if c is None else math.sqrt(c) for c in spy.calls],
+            "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()}
+
+
+def first_raw_norm(label: str, accum: int, world: int) -> float:
+    return plain(label, accum, world, clip=0.0)["raw_norm"][0]
+
+
+def ours(label: str, stage: int, accum: int, clip: float) -> dict:
+    """The trainer's step: DeepSpeed built from our config and RecipeAdamW attached (train_vit.build_engine's
+    wiring), driven like train_vit.train_step. Runs on every rank of the current process group."""
+    import deepspeed
+    import torch.distributed as dist
+
+    spec = precision.SPECS[label]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = net()
+    opt = step.make_optimizer(model.parameters(), precision=spec, lr=1e-2, weight_decay=0.3, clip_grad=clip,
+                              loss_scaling={"init_scale": INIT_SCALE} if spec.loss_scaler == "vitbench" else None,
+                              device="cpu")
+    cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=MICRO, grad_accum=accum,
+                         world_size=world, clip_grad=clip, precision=spec, zero_stage=stage)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    step.attach(engine, opt, world_size=world, zero_stage=stage)
+    outcome = step.StepOutcome(engine, opt)
+    norms = []
+    with AppliedSpy() as spy:
+        for gain, micro in zip(LOSS_GAIN, batches(world, accum)):
+            for x, y in micro[rank * accum:(rank + 1) * accum]:  # this rank's share of the global batch
+                engine.backward(loss_of(engine(x.to(spec.input_dtype)), y, gain))
+                engine.step()
+            norms.append(math.nan if outcome.skipped() is True else float(outcome.grad_norm()))
+    applied = []
+    for c in spy.calls:  # this rank's slice at ZeRO 1-3: the applied norm is the sum over ranks
+        t = torch.tensor(-1.0 if c is None else c, dtype=torch.float64)
+        if stage > 0:  # ZeRO-0: every rank applies the whole (identical) gradient
+            dist.all_reduce(t)
+        applied.append(None if c is None else math.sqrt(float(t)))
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+        weights = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()]).tolist()
+    return {"raw_norm": norms, "applied_norm": applied, "weights": weights}
+
+
+def compare(label: str, stage: int, accum: int) -> dict:
+    """One case on the current process group: ours and the plain step of the same global batches."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    clip = 3 * first_raw_norm(label, accum, world)  # step 1 (gain 1) under it, step 2 (gain 10) over it
+    reference, result = plain(label, accum, world, clip), ours(label, stage, accum, clip)
+    w_ref, w_ours = torch.tensor(reference["weights"]), torch.tensor(result["weights"])
+    w_start = torch.cat([p.detach().flatten() for p in net().parameters()])
+    update_ref = w_ref - w_start
+    return {"clip": clip, "plain": {k: reference[k] for k in ("raw_norm", "applied_norm")},
+            "ours": {k: result[k] for k in ("raw_norm", "applied_norm")},
+            "update_rel_diff": float((w_ours - w_ref).norm() / update_ref.norm())}
+
+
+def main(cases: list[str]) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed("gloo")
+    out = {}
+    for case in cases:
+        label, stage, accum = case.split(":")
+        out[case] = compare(label, int(stage), int(accum))
+    if dist.get_rank() == 0:
+        print(json.dumps(out), flush=True)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
