@@ -29,6 +29,27 @@ TINY = dict(model="vit_tiny_patch16_224", img_size=32, model_kwargs={"patch_size
             steps=6, warmup=2)
 
 
+def plain_step(model, spec, x, y, *, device_type: str = "cpu", forward=None, clip: float = 1.0):
+    """One plain PyTorch training step of MODEL on the batch (X, Y) as a function: autocast to the precision's
+    compute dtype, a GradScaler for fp16, clip_grad_norm_, fused AdamW. FORWARD: e.g. the compiled model."""
+    forward = forward or model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.3, fused=True)
+    autocast = spec.compute_dtype != torch.float32
+    scaler = torch.amp.GradScaler(device_type, enabled=spec.compute_dtype == torch.float16)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.11)
+
+    def step():
+        with torch.autocast(device_type, dtype=spec.compute_dtype, enabled=autocast):
+            loss = loss_fn(forward(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def measure(model: str, img_size: int, batch_size: int, precision: str, steps: int, warmup: int,
             compile_model: bool = False, model_kwargs: dict | None = None, num_classes: int = 1000,
             device: str | None = None) -> dict:
@@ -40,23 +61,9 @@ def measure(model: str, img_size: int, batch_size: int, precision: str, steps: i
     set_tf32(spec.tf32)
     torch.manual_seed(0)
     net = timm.create_model(model, img_size=img_size, num_classes=num_classes, **(model_kwargs or {})).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.3, fused=True)
-    step_fn = torch.compile(net) if compile_model else net
-    autocast = spec.compute_dtype != torch.float32
-    scaler = torch.amp.GradScaler(device.type, enabled=spec.compute_dtype == torch.float16)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.11)
-
-    def step():
-        with torch.autocast(device.type, dtype=spec.compute_dtype, enabled=autocast):
-            loss = loss_fn(step_fn(x).float(), y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    step = plain_step(net, spec, x, y, device_type=device.type, forward=torch.compile(net) if compile_model else None)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()

@@ -20,6 +20,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from ceiling import plain_step  # noqa: E402
+
 from vitbench import dsconfig, precision  # noqa: E402
 from vitbench.runinfo import free_port  # noqa: E402
 
@@ -43,21 +45,9 @@ def make_step(kind, label, stage, args):
     spec = precision.SPECS[label]
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, dtype=spec.input_dtype)
     y = torch.randint(0, 1000, (args.batch_size,))
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.11)
     if kind == "plain":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.3, fused=True)
-        scaler = torch.amp.GradScaler("cpu", enabled=spec.compute_dtype == torch.float16)
-
-        def one_step():
-            with torch.autocast("cpu", dtype=spec.compute_dtype, enabled=spec.autocast):
-                loss = loss_fn(model(x).float(), y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        return one_step
+        return plain_step(model, spec, x, y)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.11)
     optimizer = recipe.make_optimizer(model.parameters(), precision=spec, lr=1e-4, weight_decay=0.3, clip_grad=1.0,
                                       loss_scaling={} if spec.loss_scaler == "vitbench" else None, device="cpu")
     cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=args.batch_size, grad_accum=1,

@@ -25,6 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ceiling import plain_step  # noqa: E402
+
 from vitbench import dsconfig, precision, step  # noqa: E402
 from vitbench.runinfo import free_port  # noqa: E402
 
@@ -113,18 +115,7 @@ def measure(kind: str, label: str, stage: int | None) -> dict:
     y = torch.randint(0, 100, (ARGS.batch_size,))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.11)
     if kind == "plain":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.3, fused=True)
-        scaler = torch.amp.GradScaler("cpu", enabled=spec.compute_dtype == torch.float16)
-
-        def one_step():
-            with torch.autocast("cpu", dtype=spec.compute_dtype, enabled=spec.autocast):
-                loss = loss_fn(model(x).float(), y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+        one_step = plain_step(model, spec, x, y)
     else:
         if kind == "before":
             if spec.label == "bf16":

@@ -29,8 +29,17 @@ def info(path: Path) -> dict:
     return json.loads((Path(path) / "_info.json").read_text())
 
 
+# The in-process process group (one_rank_group) sets these for the session; a launched run must not inherit them.
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def base_env() -> dict:
+    """This process's environment without the in-process group's variables: what a launched process gets."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+
+
 def run_env(**extra) -> dict:
-    env = dict(os.environ)
+    env = base_env()
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     env.update(extra)
@@ -150,7 +159,7 @@ def one_rank_group():
 
     from vitbench.runinfo import free_port
 
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from conftest import BIN, REPO, info
+from conftest import BIN, REPO, base_env, info
 
 from vitbench import data, demo, prep
 
@@ -163,7 +163,7 @@ def test_images_without_a_faithful_rgb_form_are_skipped_and_listed_and_odd_names
     for name in odd:
         with open(name, "wb") as f:
             f.write(jpeg if not name.endswith(b"\xff.JPEG") else b"garbage")
-    env = {**os.environ, "LC_ALL": "C", "PYTHONIOENCODING": "", "PYTHONUTF8": "0"}
+    env = {**base_env(), "LC_ALL": "C", "PYTHONIOENCODING": "", "PYTHONUTF8": "0"}
     proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train"],
                           capture_output=True, env=env)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")

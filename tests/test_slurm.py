@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, REPO, TINY, info, results
+from conftest import BIN, REPO, TINY, base_env, info, results
 
 from vitbench import checkpoint
 from vitbench.runinfo import free_port
@@ -70,7 +70,7 @@ class Cluster:
             "KillWait=30", "MinJobAge=3600",
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory}",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.env = {**base_env(), "SLURM_CONF": str(self.conf)}
 
     def start(self) -> None:
         r = self.root

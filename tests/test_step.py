@@ -5,15 +5,19 @@ nothing back, the loss scaler follows GradScaler's rule, and the divergence guar
 import json
 import math
 import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import BIN, REPO, TINY, run_env
+from conftest import BIN, REPO, run_env
 
 import step_numerics as sn
 from vitbench import dsconfig, precision, step
 from vitbench.guard import DivergedError, DivergenceGuard
 from vitbench.runinfo import MachineFacts
+
+sys.path.insert(0, str(REPO / "bench"))
+from step_costs import CountReadbacks  # noqa: E402  (the benchmark's read-back counter, the same one)
 
 # Relative tolerance per precision, for norms and for the whole update vector. The plain step and ours differ
 # only in summation order, except that DeepSpeed's torch_autocast mode reduces (and, with accumulation at
@@ -21,11 +25,13 @@ from vitbench.runinfo import MachineFacts
 TOLERANCE = {
     "fp32": 1e-5,  # reduction order only; measured <= 2e-7
     "amp": 2e-3,  # fp16 unit roundoff 2**-11 = 4.9e-4; measured <= 6e-5
-    "fp16": 2e-3,  # as amp
     "bf16": 1e-2,  # bf16 unit roundoff 2**-8 = 3.9e-3; measured <= 4.3e-4
 }
 # amp first: DeepSpeed's autocast flag is module-level, and a later fp32 engine must not pick up its GradScaler.
-LABELS = ["amp", "fp32", "bf16", "fp16"]
+# Not fp16 (fp16 weights): it keeps DeepSpeed's own fp16 optimizers, scaling and clipping, and no machine this
+# project has tested on runs it (no AVX512-FP16 here), so no tolerance for it has been measured; its run is
+# checked where supported by tests/test_faults_data.py.
+LABELS = ["amp", "fp32", "bf16"]
 CASES = [(label, stage, accum) for label in LABELS for stage in (0, 1, 2, 3) for accum in (1, 2)]
 
 
@@ -74,26 +80,6 @@ def test_two_ranks_apply_what_a_plain_step_applies():
 
 
 # ---- no host read-backs in a steady step ----------------------------------------------------------------
-READBACKS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
-
-
-class CountReadbacks:
-    """Counts the Tensor methods that copy a value to the host (each a device synchronization on a GPU)."""
-
-    def __enter__(self):
-        self.calls, self.saved = [], {name: getattr(torch.Tensor, name) for name in READBACKS}
-        for name, original in self.saved.items():
-            def counted(t, *args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(t, *args, **kwargs)
-            setattr(torch.Tensor, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
-
-
 @pytest.mark.parametrize("label", ["fp32", "amp", "bf16"])
 def test_a_steady_step_reads_nothing_back(one_rank_group, label):
     """The trainer's step (train_vit.train_step, then what Run.step_done does per step) on the trainer's
