@@ -658,6 +658,7 @@ def finish(run: Run) -> dict:
                                            reduction="sum").item())
     results = {
         "run_name": run.run_name, **plan.layout, "precision": plan.precision.label, "zero_stage": plan.zero_stage,
+        "zero_stage_requested": plan.zero_stage_requested,
         "global_batch_size": run.args.global_batch_size, "global_step": state.step,
         "resumed_from_step": run.resumed_from_step, "epochs_done": state.epoch, "interrupted": run.interrupted,
         "loader": plan.loader.kind, "epoch_sampling": run.loader.epoch_sampling, "pass_coverage": plan.pass_coverage,

@@ -156,11 +156,16 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(demo_shards, tmp_p
     assert steps_saved(out) == [2] and checkpoint.damage(out / "checkpoints" / "step_00000002") is None
     assert not list((out / "checkpoints").glob("*.tmp"))
 
-    # Less room than one checkpoint: the disk fills up in the middle of the write.
+    # Less room than one checkpoint, more than the floor checked before the first save (fp32 weights and two
+    # Adam moments): the disk fills up in the middle of the write. Two ranks at ZeRO-1 also write the fp32
+    # master partitions (one process runs ZeRO-0, whose checkpoint is about that floor).
+    ref2 = tmp_path / "ref2"
+    launch(common(demo_shards, ref2, "--max-steps", "1", "--wandb", "off"))
+    size = sum(f.stat().st_size for f in (ref2 / "checkpoints" / "step_00000001").rglob("*") if f.is_file())
     out = small_fs(int(size * 0.9)) / "run"
     proc = launch(common(demo_shards, out, "--max-steps", "2", "--checkpoint-every", "1", "--wandb", "off"),
-                  processes=1, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+                  check=False)
+    assert proc.returncode != 0  # the rank exits 2; accelerate's launcher re-raises it (README)
     assert f"no space left on device writing checkpoint step 1 under {out / 'checkpoints'}" in proc.stderr
     assert not list((out / "checkpoints").iterdir()), "no half-written checkpoint may stay"
 

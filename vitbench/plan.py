@@ -45,6 +45,7 @@ class Plan:
     zero_stage: int = 0
     grad_accum: int = 1
     loss_scaling: dict | None = None  # amp: step.LossScaler's init_scale and growth_interval
+    zero_stage_requested: int = 0  # the config's or --zero-stage's (one process runs ZeRO-0 instead)
     lr: float = 0.0
     steps_per_epoch: int = 1
     total_steps: int = 1
@@ -76,7 +77,7 @@ class Plan:
                          "validation_shards": len(self.val.urls), "validation_samples": self.val.num_samples,
                          "num_classes": self.train.num_classes},
                 "deepspeed_config": self.ds_config, "zero_stage": self.zero_stage, "grad_accum_steps": self.grad_accum,
-                "loss_scaling": self.loss_scaling,
+                "loss_scaling": self.loss_scaling, "zero_stage_requested": self.zero_stage_requested,
                 "lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps, "pass_coverage": self.pass_coverage,
                 "output_dir": str(self.output_dir) if self.output_dir else None,
@@ -134,7 +135,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
                               world_size=world, clip_grad=args.clip_grad, precision=precision, zero_stage=stage,
                               throughput_timer=args.deepspeed_throughput_timer)
     ds_config = ds_build(args.zero_stage)
-    zero_stage = ds_config["zero_optimization"]["stage"]
+    zero_stage = requested_stage = ds_config["zero_optimization"]["stage"]
     if world == 1 and zero_stage > 0 and _zero_is_pure_overhead(ds_config, precision, (marker or {}).get("zero_stage")):
         warnings.append(f"ZeRO-{zero_stage} partitions across processes; with one it only adds copies and memory, "
                         "so this launch runs ZeRO-0, which applies the same update")
@@ -161,7 +162,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     return Plan(
         **lay, model=args.model, model_kwargs=model_kwargs, img_size=loader.img_size, n_params=n_params,
         precision=precision, loader=loader, train=train, val=val, ds_config=ds_config, zero_stage=zero_stage,
-        grad_accum=grad_accum, pass_coverage=coverage, loss_scaling=loss_scaling,
+        grad_accum=grad_accum, pass_coverage=coverage, loss_scaling=loss_scaling, zero_stage_requested=requested_stage,
         lr=args.lr or args.lr_base * args.global_batch_size / args.lr_base_size,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, finished=finished,
         warmup_steps=round(args.warmup_epochs * steps_per_epoch), run_name=args.run_name, output_dir=output_dir,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vitbench import metrics as M
 from vitbench.precision import PRECISIONS
-from vitbench.reporting import config_label, describe, efficiency, markdown_table, num, plots
+from vitbench.reporting import config_label, describe, efficiency, markdown_table, num, plots, zero_stage
 from vitbench.tracking import METRICS_FILE
 
 
@@ -48,7 +48,7 @@ def _groups(results: list[dict], varied: set[str]) -> tuple[list[list[dict]], li
 
 
 def run_label(r: dict) -> str:
-    return f"{config_label(r, 'en')} {r['precision']} ZeRO-{r['zero_stage']}"
+    return f"{config_label(r, 'en')} {r['precision']} ZeRO-{zero_stage(r)}"
 
 
 def _pct(value: float | None) -> str:
@@ -115,8 +115,8 @@ def peak_memory(r: dict) -> float | None:
 
 def matrix_cells(group: list[dict]) -> tuple[list[str], list[int], dict]:
     precisions = [p for p in PRECISIONS if any(r["precision"] == p for r in group)]
-    stages = sorted({r["zero_stage"] for r in group})
-    cells = {(r["precision"], r["zero_stage"]): {**{k: r.get(k) for k, _, _ in MATRIX_METRICS},
+    stages = sorted({zero_stage(r) for r in group})
+    cells = {(r["precision"], zero_stage(r)): {**{k: r.get(k) for k, _, _ in MATRIX_METRICS},
                                                  "peak_memory": peak_memory(r)} for r in group}
     return precisions, stages, cells
 
