@@ -16,6 +16,12 @@ unscales them a second time. `engine.get_global_grad_norm()` reports the scaled 
 `torch_autocast_gradscaler` is set, or unscale with the GradScaler before computing the norm.
 
 The applied gradient is read from AdamW's first moment after one step: exp_avg = (1 - beta1) * g.
+Printed on CPU (gloo), 2026-11-30:
+
+    | ZeRO stage | norm of the gradient AdamW applied | engine.get_global_grad_norm() |
+    | 0 | 0.05 (expected 0.05) | nan |
+    | 1 | 7.63e-07 (expected 0.05) | 7.646e+04 |      <- 0.05 / 65536, and the scaled norm reported
+    | 2 | 7.63e-07 (expected 0.05) | 7.646e+04 |
 """
 import os
 
