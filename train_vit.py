@@ -222,7 +222,7 @@ def _add_recipe_flags(g) -> None:
 def _add_system_flags(g) -> None:
     g.add_argument("--precision", choices=precision.PRECISIONS, default=None,
                    help="fp32 | tf32 | amp (fp16 autocast + loss scaling) | fp16 | bf16 (default: amp on one node; "
-                        "bf16 across nodes where the device has it: its gradients cross the network in half the bytes)")
+                        "bf16 across nodes where the device has it: no loss scaling)")
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                    help="override the ZeRO stage of the DeepSpeed config")
     g.add_argument("--deepspeed-config", default=None,
@@ -459,8 +459,6 @@ def reduce_max(values, device):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.tolist()
-
-
 
 
 # ------------------------------------------------------------------------------------------------

@@ -83,8 +83,8 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
     if zero_stage is not None:
         zero["stage"] = zero_stage
     zero.setdefault("stage", 0)
-    if world_size == 1:  # nothing to overlap, and DeepSpeed synchronizes the device after each backward for it
-        zero.pop("overlap_comm", None) if zero["stage"] == 0 else zero.__setitem__("overlap_comm", False)
+    if world_size == 1 and zero["stage"] > 0:  # nothing to overlap; DeepSpeed syncs the device after each backward
+        zero["overlap_comm"] = False
     if zero["stage"] > 0:  # step.RecipeAdamW is torch's fused AdamW with the recipe's clipping: not on its list
         cfg["zero_allow_untested_optimizer"] = True
     if zero["stage"] in (1, 2) and not precision.deepspeed_clips:

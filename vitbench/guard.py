@@ -56,7 +56,8 @@ class DivergenceGuard:
         verdict = torch.stack([bad, -self.worst, -self.worst_start])
         if reduce_min is not None:
             verdict = reduce_min(verdict)
-        bad, worst, worst_start = (-v if i else v for i, v in enumerate(verdict.tolist()))
+        bad, minus_worst, minus_start = verdict.tolist()  # the one read back
+        worst, worst_start = -minus_worst, -minus_start
         if worst > self.max_skips:
             scale = f" (loss scale now {loss_scale()})" if loss_scale else ""
             raise DivergedError(f"the optimizer skipped {worst} steps in a row from step {worst_start}, their "

@@ -180,8 +180,8 @@ def _zero_is_pure_overhead(ds_config: dict, precision, checkpoint_stage: int | N
 
 def default_precision(nnodes: int, machine: MachineFacts) -> str:
     """--precision when none is given: amp (FlagPerf's rows) on one node; bf16 across nodes where the device has
-    it, because DeepSpeed reduces bf16 gradients in bf16 (half the bytes of amp's fp32 gradients on the
-    slowest link of a 2x8 run)."""
+    it: no loss scale to back off and no overflow skips across the nodes (both are autocast over fp32 weights,
+    and DeepSpeed's torch_autocast mode reduces the Linear layers' gradients in the 16-bit dtype for either)."""
     return "bf16" if nnodes > 1 and machine.bf16 else "amp"
 
 

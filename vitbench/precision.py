@@ -9,9 +9,9 @@ machine can run it, and a run-time check that what runs is what the label says.
         weights ran a per-tensor optimizer at ZeRO-0 (~160 host syncs a step on ViT-B/16) and summed
         accumulated gradients in bf16 unless told otherwise; autocast keeps fp32 gradients everywhere.
 
-The DeepSpeed adapters at the end (loss scale, skipped steps, what is in effect) are the only code that reads
-DeepSpeed engine attributes outside its documented API; tests/test_config.py builds real engines and fails
-when a DeepSpeed upgrade moves one.
+The DeepSpeed adapters at the end (loss scale, what is in effect) and those in step.py (skipped steps, the
+scaler and all-reduce wiring) are the only code that touches DeepSpeed engine attributes outside its documented
+API; tests/test_config.py builds real engines and fails when a DeepSpeed upgrade moves one.
 """
 
 from __future__ import annotations
@@ -137,12 +137,6 @@ def loss_scale(engine) -> float | None:
     if scaler is not None:
         return scaler.get_scale()
     return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
-
-
-def skipped_steps(engine) -> int:
-    """Optimizer steps DeepSpeed's own fp16 optimizer has skipped for an overflow since the run began (a host
-    counter; under every other precision RecipeAdamW skips on the device and DeepSpeed counts none)."""
-    return int(engine.skipped_steps)
 
 
 def in_effect(engine, logits_dtype: torch.dtype | None = None) -> dict:

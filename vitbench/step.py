@@ -165,8 +165,9 @@ class StepOutcome:
 
     def skipped(self):
         """A host bool (DeepSpeed skipped) or RecipeAdamW's device bool."""
-        if int(self.engine.skipped_steps) != self.deepspeed_skips:
-            self.deepspeed_skips = int(self.engine.skipped_steps)
+        now = int(self.engine.skipped_steps)
+        if now != self.deepspeed_skips:
+            self.deepspeed_skips = now
             if self.optimizer.scaler is not None:
                 self.optimizer.scaler.back_off()
             return True
