@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from vitbench import reporting, study
+from vitbench.errors import EXIT_USER_ERROR, UserError, one_line
 
 
 def main(argv=None) -> int:
@@ -26,12 +27,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.runs and not args.wandb_workspace:
         p.error("give run directories and/or --wandb-workspace")
+    try:
+        publish(args)
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def publish(args) -> None:
     if args.runs:
-        try:
-            results = reporting.load_results(args.runs)
-        except reporting.ResultsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        results = reporting.load_results(args.runs)
         sys.stdout.write(reporting.markdown_table(results, args.lang))
         if args.plots:
             for path in reporting.plots(results, args.plots):
@@ -42,7 +48,6 @@ def main(argv=None) -> int:
     if args.wandb_workspace:
         workspace = reporting.build_workspace(args.wandb_workspace).save()
         print(f"saved W&B workspace: {workspace.url}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from vitbench import data, demo  # noqa: E402
+from vitbench import demo, shardformat, transforms, wds_loader  # noqa: E402
 
 
 def rate(loader, images: int, skip_batches: int) -> float:
@@ -93,17 +93,17 @@ def main():
     skip = 2 * args.workers + 4  # DataLoader's prefetch (2 batches per worker) and a few more
     if args.per_class * len(demo.PHOTOS) < args.images + (skip + 1) * args.batch_size:
         p.error("--per-class too small: ImageFolder's epoch must outlast the skipped and the timed batches")
-    train = data.load_split(shards_dir, "train")
-    uint8_tf = data.train_transform(args.img_size, "rand-m9-mstd0.5")  # what train_vit.py's workers run
+    train = shardformat.load_split(shards_dir, "train")
+    uint8_tf = transforms.train_transform(args.img_size, "rand-m9-mstd0.5")  # what train_vit.py's workers run
     from timm.data import create_transform
 
     # torchvision's reference pipeline: float32 normalized in the worker (what ours did before uint8)
     float_tf = create_transform(args.img_size, is_training=True, auto_augment="rand-m9-mstd0.5",
-                                interpolation="bilinear", re_prob=0.0, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+                                interpolation="bilinear", re_prob=0.0, mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD)
     steps = args.images // args.batch_size + skip + 2
 
     def ours(transform, repeats=1):
-        return data.train_loader(train, transform, args.batch_size, steps, rank=0, world_size=1, workers=args.workers,
+        return wds_loader.train_loader(train, transform, args.batch_size, steps, rank=0, world_size=1, workers=args.workers,
                                  seed=0, epoch=0, repeats=repeats)
 
     from torchvision.datasets import ImageFolder

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from vitbench import metrics as M  # noqa: E402
 from vitbench.profiler import StepProfiler  # noqa: E402
-from vitbench.tracking import Tracker  # noqa: E402
+from vitbench.tracking import Tracker, TrackingSpec  # noqa: E402
 
 
 def main():
@@ -52,8 +52,8 @@ def main():
         return loss.detach()
 
     run_dir = Path(tempfile.mkdtemp(prefix="vitbench-overhead-"))
-    tracker = Tracker("offline", enabled=True, run_dir=run_dir, project="vitbench-bench", entity=None,
-                      name="overhead", group="overhead", config={})
+    tracker = Tracker(TrackingSpec("offline", "vitbench-bench", None, None), enabled=True, run_dir=run_dir,
+                      name="overhead", config={})
     prof = StepProfiler(global_batch=args.batch_size, world_size=1, memory_probe=M.DeviceMemoryMonitor(device).probe)
     prof.train_start()
     logged = [0]
@@ -95,7 +95,7 @@ def main():
     for _ in range(50):
         tracker.log_step(prof.steps, prof.interval_row())
     row_us = 1e6 * (time.perf_counter() - t) / 50
-    tracker.finish({}, [None] * 9)
+    tracker.finish({}, ([], []))
     med = {k: statistics.median(v) for k, v in times.items()}
     # Each pair of adjacent blocks shares the machine's state of the moment: their ratio cancels drift.
     pair_ratio = statistics.median(a / b for a, b in zip(times["profiled"], times["plain"]))

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     if args.dali_index:
         from vitbench.dali_loader import write_index
-        from vitbench.data import DataError, load_split
+        from vitbench.shardformat import DataError, load_split
 
         try:
             shards = load_split(args.out, args.split)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         print(f"verify {args.split}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
         return 1 if problems else 0
     if args.src is None:
-        p.error("--src is required unless --verify")
+        p.error("--src is required unless --verify or --dali-index")
     try:
         entry = prepare(args.src, args.out, args.split, name=args.name, shard_size=args.shard_size,
                         workers=args.workers, seed=args.seed, max_side=args.max_side,

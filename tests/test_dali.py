@@ -9,7 +9,7 @@ import torch
 import webdataset as wds
 from conftest import BIN, REPO, TINY, info, launch, results
 
-from vitbench import dali_loader, data
+from vitbench import dali_loader, shardformat
 
 CPU = torch.device("cpu")
 
@@ -20,7 +20,7 @@ def loader(shards, *, batch_size=6, rank=0, world_size=1, repeats=1, aa=None, se
 
 
 def test_batches_are_the_default_loaders_uint8_and_repeat_each_image_augmented_apart(demo_shards):
-    train = data.load_split(demo_shards, "train")
+    train = shardformat.load_split(demo_shards, "train")
     batch = next(loader(train, repeats=3, aa="rand-m9-mstd0.5").batches(1))
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (6, 3, 32, 32)
     assert all(0 <= int(y) < train.num_classes for y in batch["labels"]) and batch["skipped"] == 0
@@ -41,7 +41,7 @@ def test_batches_are_the_default_loaders_uint8_and_repeat_each_image_augmented_a
 def test_an_epoch_reads_each_sample_once_across_ranks(demo_shards):
     """DALI's reader splits the split's samples over ranks: one epoch of each rank is disjoint from the
     other's and repeats nothing."""
-    train = data.load_split(demo_shards, "train")
+    train = shardformat.load_split(demo_shards, "train")
     per_rank = train.num_samples // 2
     seen = []
     for rank in range(2):
@@ -54,7 +54,7 @@ def test_an_epoch_reads_each_sample_once_across_ranks(demo_shards):
 
 def test_index_files_are_dalis_own_format_and_are_used(demo_shards, tmp_path):
     shutil.copytree(demo_shards, tmp_path / "s")
-    train = data.load_split(tmp_path / "s", "train")
+    train = shardformat.load_split(tmp_path / "s", "train")
     assert dali_loader.index_paths(train) is None
     assert subprocess.run([str(BIN / "python"), "shards/prep_shards.py", "--out", str(tmp_path / "s"), "--split",
                            "train", "--dali-index"], cwd=REPO, capture_output=True).returncode == 0
@@ -67,7 +67,7 @@ def test_index_files_are_dalis_own_format_and_are_used(demo_shards, tmp_path):
 
 
 def test_bad_label_is_dropped_and_counted_corrupt_jpeg_is_a_clear_error(demo_shards, tmp_path):
-    src = data.load_split(demo_shards, "train")
+    src = shardformat.load_split(demo_shards, "train")
     samples = list(wds.tariterators.tarfile_samples([{"url": src.urls[0]}]))
 
     def shard(name, change):
@@ -75,7 +75,7 @@ def test_bad_label_is_dropped_and_counted_corrupt_jpeg_is_a_clear_error(demo_sha
         with wds.TarWriter(str(path)) as tw:
             for i, s in enumerate(samples):
                 tw.write(change(i, {"__key__": s["__key__"], "jpg": s["jpg"], "cls": s["cls"]}))
-        return data.ShardSet("train", [str(path)], [len(samples)], 10)
+        return shardformat.ShardSet("train", [str(path)], [len(samples)], 10)
 
     bad_label = shard("label-0000.tar", lambda i, s: {**s, "cls": b"99"} if i == 2 else s)
     with pytest.warns(UserWarning, match=f"skipping sample {samples[2]['__key__']} of {tmp_path}/label-0000.tar"):
@@ -84,11 +84,11 @@ def test_bad_label_is_dropped_and_counted_corrupt_jpeg_is_a_clear_error(demo_sha
     assert batches[0]["skipped"] >= 1 and len(batches[0]["labels"]) == len(batches[0]["keys"]) == len(samples)
     assert samples[2]["__key__"] not in batches[0]["keys"]
     every_label_bad = shard("allbad-0000.tar", lambda i, s: {**s, "cls": b"99"})
-    with pytest.warns(UserWarning), pytest.raises(data.DataError, match="without one usable sample"):
+    with pytest.warns(UserWarning), pytest.raises(shardformat.DataError, match="without one usable sample"):
         next(loader(every_label_bad, batch_size=4).batches(1))  # an error, never an endless wait
 
     corrupt = shard("jpeg-0000.tar", lambda i, s: {**s, "jpg": b"garbage"} if i == 1 else s)
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(shardformat.DataError) as e:
         list(loader(corrupt, batch_size=len(samples)).batches(1))
     message = str(e.value)
     assert str(tmp_path) in message and "--verify" in message and "default loader" in message
@@ -97,13 +97,13 @@ def test_bad_label_is_dropped_and_counted_corrupt_jpeg_is_a_clear_error(demo_sha
 def test_a_truncated_shard_is_refused_at_start_naming_it(demo_shards, tmp_path):
     """DALI reads every tar's members when the pipeline is built: a cut shard stops the run before any
     step, and the error names the shard (DALI's own message does not)."""
-    src = data.load_split(demo_shards, "train")
+    src = shardformat.load_split(demo_shards, "train")
     whole, cut = tmp_path / "whole-0000.tar", tmp_path / "cut-0001.tar"
     whole.write_bytes(Path(src.urls[0]).read_bytes())
     cut.write_bytes(Path(src.urls[1]).read_bytes()[:30_000])
     assert dali_loader.broken_tar(str(whole)) is None and dali_loader.broken_tar(str(cut))
-    shards = data.ShardSet("train", [str(whole), str(cut)], src.lengths[:2], 10)
-    with pytest.raises(data.DataError, match=f"{cut}: truncated"):
+    shards = shardformat.ShardSet("train", [str(whole), str(cut)], src.lengths[:2], 10)
+    with pytest.raises(shardformat.DataError, match=f"{cut}: truncated"):
         loader(shards)
 
 

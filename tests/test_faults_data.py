@@ -13,7 +13,7 @@ import warnings
 import pytest
 from conftest import BIN, REPO, TINY, copy_shards, info, launch, remount, results, run_env, wandb_history, write_info
 
-from vitbench import data, demo, prep, reporting
+from vitbench import demo, prep, reporting, shardformat, shardread, transforms, validation, wds_loader
 
 PREP = [str(BIN / "python"), str(REPO / "shards/prep_shards.py")]
 
@@ -24,12 +24,12 @@ def run_args(shards, out, *extra):
             "--log-interval", "1", "--wandb", "off", *extra]
 
 
-def keys_and_skipped(shards: data.ShardSet, workers: int = 1):
-    stream = data.ValidationStream(shards, data.eval_transform(32), batch_size=4, rank=0, world_size=1,
+def keys_and_skipped(shards: shardformat.ShardSet, workers: int = 1):
+    stream = validation.ValidationStream(shards, transforms.eval_transform(32), batch_size=4, rank=0, world_size=1,
                                    workers=workers)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batches = list(data.validation_loader(stream))
+        batches = list(validation.validation_loader(stream))
     return ([k for b in batches for k in b["keys"]], sum(b["skipped"] for b in batches),
             [str(w.message) for w in caught])
 
@@ -37,7 +37,7 @@ def keys_and_skipped(shards: data.ShardSet, workers: int = 1):
 def rewrite_shard(src_url: str, dst, change=lambda i, s: s, extra=()):
     """Copy a shard sample by sample through CHANGE, then append raw EXTRA tar members."""
     with tarfile.open(dst, "w") as out:
-        for i, s in enumerate(data.tar_samples(src_url, data._SkipLog())):
+        for i, s in enumerate(shardread.tar_samples(src_url, shardread.SkipLog())):
             s = change(i, s)
             for ext in ("jpg", "cls"):
                 ti = tarfile.TarInfo(f"{s['__key__']}.{ext}")
@@ -55,8 +55,8 @@ def test_hostile_shard_names_are_refused_before_any_work(demo_shards, tmp_path, 
     meta = info(shards)
     meta["splits"]["train"]["filenames"][0] = name
     write_info(shards, meta)
-    with pytest.raises(data.DataError, match="not a plain relative file name") as e:
-        data.load_split(shards, "train")
+    with pytest.raises(shardformat.DataError, match="not a plain relative file name") as e:
+        shardformat.load_split(shards, "train")
     assert str(shards / "_info.json") in str(e.value) and repr(name) in str(e.value)
 
 
@@ -76,13 +76,13 @@ def test_pipe_shard_name_runs_no_command_even_with_data_dir_dot(demo_shards, tmp
                           cwd=shards, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not a plain relative file name" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    samples = list(data.tar_samples(str(shards / hostile), data._SkipLog()))
+    samples = list(shardread.tar_samples(str(shards / hostile), shardread.SkipLog()))
     assert samples and all(s["__url__"] == str(shards / hostile) for s in samples)
     assert not (shards / "PWNED").exists() and not (tmp_path / "PWNED").exists()
 
 
 def test_foreign_tar_members_are_skipped_and_counted_never_samples(demo_shards, tmp_path):
-    val = data.load_split(demo_shards, "validation")
+    val = shardformat.load_split(demo_shards, "validation")
     bad = tmp_path / "bad-0000.tar"
 
     def member(name, kind=tarfile.REGTYPE, payload=b"x", link=""):
@@ -91,13 +91,13 @@ def test_foreign_tar_members_are_skipped_and_counted_never_samples(demo_shards, 
         ti.size = len(payload) if kind == tarfile.REGTYPE else 0
         return ti, payload if kind == tarfile.REGTYPE else None
 
-    jpg = next(data.tar_samples(val.urls[0], data._SkipLog()))["jpg"]
+    jpg = next(shardread.tar_samples(val.urls[0], shardread.SkipLog()))["jpg"]
     extra = [member("../evil.jpg", payload=jpg), member("../evil.cls", payload=b"1"),
              member("/abs.jpg", payload=jpg), member("dir/x.jpg", payload=jpg),
              member("link.jpg", tarfile.SYMTYPE, link="/etc/passwd"), member("dev.jpg", tarfile.CHRTYPE)]
     rewrite_shard(val.urls[0], bad, extra=extra)
     n = val.lengths[0]
-    keys, skipped, msgs = keys_and_skipped(data.ShardSet("validation", [str(bad)], [n], 10))
+    keys, skipped, msgs = keys_and_skipped(shardformat.ShardSet("validation", [str(bad)], [n], 10))
     assert len(keys) == n and not {"evil", "abs", "x", "link", "dev"} & set(keys)
     assert skipped == 5  # ../evil (2 members, one sample), /abs, dir/x, the link, the device
     assert any("'../evil.jpg'" in m and str(bad) in m for m in msgs)
@@ -105,7 +105,7 @@ def test_foreign_tar_members_are_skipped_and_counted_never_samples(demo_shards, 
 
 # ---- 2. bad data never crashes a long run late -------------------------------------------------
 def test_bad_labels_are_dropped_with_a_warning_naming_shard_and_key(demo_shards, tmp_path):
-    val = data.load_split(demo_shards, "validation")
+    val = shardformat.load_split(demo_shards, "validation")
     bad = tmp_path / "bad-0000.tar"
     labels = {1: b"99", 2: b"-1", 3: b"cat"}
     names = {}
@@ -118,12 +118,12 @@ def test_bad_labels_are_dropped_with_a_warning_naming_shard_and_key(demo_shards,
 
     rewrite_shard(val.urls[0], bad, change)
     n = val.lengths[0]
-    keys, skipped, msgs = keys_and_skipped(data.ShardSet("validation", [str(bad)], [n], 10))
+    keys, skipped, msgs = keys_and_skipped(shardformat.ShardSet("validation", [str(bad)], [n], 10))
     assert len(keys) == n - 3 and skipped == 3 and not set(names.values()) & set(keys)
     for key in names.values():
         assert any(key in m and str(bad) in m and "not a class index in [0, 10)" in m for m in msgs), key
     # the train reader drops them too: every label it yields is a class index
-    loader = data.train_loader(data.ShardSet("train", [str(bad)], [n], 10), data.train_transform(32, None),
+    loader = wds_loader.train_loader(shardformat.ShardSet("train", [str(bad)], [n], 10), transforms.train_transform(32, None),
                                batch_size=4, steps=4, rank=0, world_size=1, workers=0, seed=0, epoch=0)
     batches = list(loader)
     assert all(0 <= int(y) < 10 for b in batches for y in b["labels"])
@@ -134,17 +134,17 @@ def test_bad_labels_are_dropped_with_a_warning_naming_shard_and_key(demo_shards,
                          ids=["every_label_out_of_range", "every_image_undecodable"])
 def test_shards_without_one_usable_sample_end_the_stream_with_an_error_not_a_spin(demo_shards, tmp_path, change):
     """Readable tars, nothing trainable: the reader stops after a bounded run of drops, naming a shard."""
-    train = data.load_split(demo_shards, "train")
+    train = shardformat.load_split(demo_shards, "train")
     urls = []
     for i, url in enumerate(train.urls[:3]):
         urls.append(str(tmp_path / f"bad-{i:04d}.tar"))
         rewrite_shard(url, urls[-1], change)
-    loader = data.train_loader(data.ShardSet("train", urls, train.lengths[:3], 10), data.train_transform(32, None),
+    loader = wds_loader.train_loader(shardformat.ShardSet("train", urls, train.lengths[:3], 10), transforms.train_transform(32, None),
                                batch_size=4, steps=4, rank=0, world_size=1, workers=0, seed=0, epoch=0)
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(data.DataError, match=f"{data.MAX_CONSECUTIVE_BAD_SAMPLES} samples in a row could not "
+        with pytest.raises(shardformat.DataError, match=f"{shardread.MAX_CONSECUTIVE_BAD_SAMPLES} samples in a row could not "
                                                  f"be used, the last .* of {tmp_path}/bad-000"):
             next(iter(loader))
     assert time.time() - t0 < 120
@@ -152,15 +152,15 @@ def test_shards_without_one_usable_sample_end_the_stream_with_an_error_not_a_spi
 
 def test_labels_under_another_extension_are_named_and_never_spin(demo_shards, tmp_path):
     """A shard whose labels are `.label` members, not `.cls`: each sample is dropped saying what it holds."""
-    val = data.load_split(demo_shards, "validation")
+    val = shardformat.load_split(demo_shards, "validation")
     odd = tmp_path / "odd-0000.tar"
     with tarfile.open(odd, "w") as out:
-        for s in data.tar_samples(val.urls[0], data._SkipLog()):
+        for s in shardread.tar_samples(val.urls[0], shardread.SkipLog()):
             for ext, payload in (("jpg", s["jpg"]), ("label", s["cls"])):
                 ti = tarfile.TarInfo(f"{s['__key__']}.{ext}")
                 ti.size = len(payload)
                 out.addfile(ti, io.BytesIO(payload))
-    keys, skipped, msgs = keys_and_skipped(data.ShardSet("validation", [str(odd)], [val.lengths[0]], 10))
+    keys, skipped, msgs = keys_and_skipped(shardformat.ShardSet("validation", [str(odd)], [val.lengths[0]], 10))
     assert keys == [] and skipped == val.lengths[0]
     assert "no .cls label or no .jpg image (members: ['jpg', 'label'])" in msgs[0]
 
@@ -199,8 +199,8 @@ def test_unreadable_train_split_is_an_error_not_an_endless_retry(demo_shards, tm
     split = info(shards)["splits"]["train"]
     # Not tars at all: refused at start, naming the shard.
     (shards / split["filenames"][0]).write_bytes(b"this is not a tar file" * 40)
-    with pytest.raises(data.DataError, match=f"{split['filenames'][0]}: not a tar file"):
-        data.load_split(shards, "train")
+    with pytest.raises(shardformat.DataError, match=f"{split['filenames'][0]}: not a tar file"):
+        shardformat.load_split(shards, "train")
     # Every shard cut inside its first member: the header passes the start check, no sample can be read.
     for name in split["filenames"]:
         (shards / name).write_bytes((demo_shards / name).read_bytes()[:700])
@@ -222,7 +222,7 @@ def test_truncated_validation_shard_counts_every_lost_sample_and_the_report_mark
     path = shards / split["filenames"][longest]
     full = path.read_bytes()
     path.write_bytes(full[: len(full) // 3])
-    kept = len(list(data.tar_samples(str(path), data._SkipLog(), count_read_errors=False)))
+    kept = len(list(shardread.tar_samples(str(path), shardread.SkipLog(), count_read_errors=False)))
     lost = split["shard_lengths"][longest] - kept
     assert lost > 0
     out = tmp_path / "run"
@@ -243,7 +243,7 @@ def test_prep_gives_colliding_file_names_distinct_keys(tmp_path):
     shutil.copy(a, src / "x.y.JPEG")
     shutil.copy(b, src / "x_y.JPEG")
     prep.prepare(src.parent, tmp_path / "out", "train", name="t", shard_size=10, workers=1, progress=False)
-    samples = [s for p in sorted((tmp_path / "out").glob("*.tar")) for s in data.tar_samples(str(p), data._SkipLog())]
+    samples = [s for p in sorted((tmp_path / "out").glob("*.tar")) for s in shardread.tar_samples(str(p), shardread.SkipLog())]
     assert len(samples) == 2 and len({s["__key__"] for s in samples}) == 2
     assert {s["jpg"] for s in samples} == {a.read_bytes(), b.read_bytes()}
 
@@ -319,8 +319,8 @@ def test_a_manifest_that_lies_is_refused_naming_the_file(demo_shards, tmp_path, 
     meta = info(shards)
     change(meta["splits"]["validation"])
     (shards / "_info.json").write_text(json.dumps(meta))  # json writes inf as Infinity
-    with pytest.raises(data.DataError, match=message) as e:
-        data.load_split(shards, "validation")
+    with pytest.raises(shardformat.DataError, match=message) as e:
+        shardformat.load_split(shards, "validation")
     assert str(shards / "_info.json") in str(e.value)
 
 

@@ -1,5 +1,6 @@
-"""The run lock, in-process: one run per output directory, never written through a link, and a filesystem
-without file locks (Lustre without `-o flock`) warned about instead of a traceback."""
+"""Run lifecycle pieces, in-process: the run lock (one run per output directory, never written through a link,
+a filesystem without file locks warned about instead of a traceback), the tracker's metrics file on a full disk,
+and the second stop signal."""
 
 import errno
 import fcntl
@@ -40,16 +41,18 @@ def test_a_filesystem_without_flock_runs_unguarded_with_a_warning(tmp_path, monk
 
 
 def test_a_full_disk_stops_the_metrics_rows_with_a_warning_never_the_run(small_fs):
-    from vitbench.tracking import METRICS_FILE, Tracker
+    from vitbench.tracking import METRICS_FILE, Tracker, TrackingSpec
 
     run_dir = small_fs(64 << 10)
-    tracker = Tracker("off", enabled=True, run_dir=run_dir, project="p", entity=None, name="n", group="g", config={})
+    tracker = Tracker(TrackingSpec("off", "p", None, None), enabled=True, run_dir=run_dir, name="n", config={})
     (run_dir / "filler").write_bytes(b"x" * ((64 << 10) - 4096))  # what is left: less than the rows below
     with pytest.warns(UserWarning, match=f"{METRICS_FILE}: No space left on device; .* training goes on"):
         for step in range(200):
             tracker.log_step(step, {"loss": 1.0, "note": "x" * 100})
+    written = (run_dir / METRICS_FILE).read_bytes()
     tracker.log_eval(1, 200, {"acc1": 50.0})  # after the warning: nothing raised, nothing written
-    tracker.finish({}, [])
+    tracker.finish({}, ([], []))
+    assert (run_dir / METRICS_FILE).read_bytes() == written
 
 
 def test_a_second_stop_signal_ends_a_process_whose_step_never_ends():

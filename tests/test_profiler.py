@@ -19,7 +19,8 @@ class FakeClock:
 
 
 class FakeEvent:
-    """A device event whose timestamp is the fake device clock, which runs `lag` behind the host."""
+    """A device event stamped with the fake device clock, which a test moves behind the host's (a GPU's queue
+    runs behind the host that fills it)."""
 
     def __init__(self, device_clock):
         self.device_clock = device_clock

@@ -67,8 +67,14 @@ def test_workspace_is_built_with_the_standard_panels_without_sending():
     accuracy = next(s for s in ws.sections if s.name == "Accuracy")
     assert all(p.x == "eval/epoch" for p in accuracy.panels)
     ws._to_model()  # the view W&B would receive serializes
-    with pytest.raises(ValueError, match="ENTITY/PROJECT"):
-        reporting.build_workspace("no-slash")
+
+
+def test_a_malformed_workspace_name_is_one_line(capsys):
+    import report
+
+    assert report.main(["--wandb-workspace", "no-slash"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --wandb-workspace wants ENTITY/PROJECT, got 'no-slash'\n"
 
 
 @pytest.mark.parametrize("content, message", [("{}", "not a vitbench results.json (no nnodes"),

@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from conftest import BIN, REPO, base_env, info
 
-from vitbench import data, demo, prep
+from vitbench import demo, prep, shardformat, transforms, validation, wds_loader
 
 PREP = [str(BIN / "python"), str(REPO / "shards/prep_shards.py")]
 
@@ -232,15 +232,15 @@ def _keys_of(loader):
 
 @pytest.mark.parametrize("world, workers", [(2, 2), (3, 4)], ids=["2x2", "more_readers_than_shards"])
 def test_validation_every_sample_exactly_once(demo_shards, world, workers, request):
-    val = data.load_split(demo_shards, "validation")
+    val = shardformat.load_split(demo_shards, "validation")
     assert len(set(val.lengths)) > 1, "shards must be uneven for this test"
     if "more_readers" in request.node.name:
         assert world * workers > len(val.urls)
-    tf = data.eval_transform(32)
+    tf = transforms.eval_transform(32)
     all_keys = []
     for rank in range(world):
-        stream = data.ValidationStream(val, tf, batch_size=4, rank=rank, world_size=world, workers=workers)
-        batches = list(data.validation_loader(stream))
+        stream = validation.ValidationStream(val, tf, batch_size=4, rank=rank, world_size=world, workers=workers)
+        batches = list(validation.validation_loader(stream))
         # what ZeRO-3's lockstep padding counts on: the rank yields exactly the batches computed for it
         assert len(batches) == stream.batches_of_rank(rank)
         all_keys += _keys_of(batches)
@@ -250,22 +250,14 @@ def test_validation_every_sample_exactly_once(demo_shards, world, workers, reque
 
 
 def test_train_stream_yields_promised_batches_per_rank(demo_shards):
-    train = data.load_split(demo_shards, "train")
-    tf = data.train_transform(32, None)
+    train = shardformat.load_split(demo_shards, "train")
+    tf = transforms.train_transform(32, None)
     for rank in range(2):
-        loader = data.train_loader(train, tf, batch_size=6, steps=5, rank=rank, world_size=2, workers=2, seed=0,
+        loader = wds_loader.train_loader(train, tf, batch_size=6, steps=5, rank=rank, world_size=2, workers=2, seed=0,
                                    epoch=0)
         batches = list(loader)
         assert len(batches) == 5
         assert all(b["images"].shape == (6, 3, 32, 32) for b in batches)
-
-
-def test_train_stream_reads_a_brace_pattern(demo_shards):
-    n = len(data.load_split(demo_shards, "train").urls)
-    pattern = f"{demo_shards}/demo-train-{{0000..{n - 1:04d}}}.tar"
-    batches = list(data.train_loader(pattern, data.train_transform(32, None), batch_size=4, steps=3, rank=0,
-                                     world_size=1, workers=0, seed=0, epoch=0))
-    assert len(batches) == 3 and all(len(b["keys"]) == 4 for b in batches)
 
 
 def test_max_side_shrinks_only_larger_images(imagefolder, tmp_path):
@@ -286,17 +278,17 @@ def test_max_side_shrinks_only_larger_images(imagefolder, tmp_path):
 
 
 def test_train_stream_differs_per_rank_and_epoch_and_repeats_augmentation(demo_shards):
-    train = data.load_split(demo_shards, "train")
-    tf = data.train_transform(32, None)
+    train = shardformat.load_split(demo_shards, "train")
+    tf = transforms.train_transform(32, None)
 
     def keys(rank, epoch, repeats=1):
-        loader = data.train_loader(train, tf, batch_size=6, steps=3, rank=rank, world_size=2, workers=0, seed=0,
+        loader = wds_loader.train_loader(train, tf, batch_size=6, steps=3, rank=rank, world_size=2, workers=0, seed=0,
                                    epoch=epoch, repeats=repeats)
         return _keys_of(loader)
 
     assert keys(0, 0) == keys(0, 0)  # deterministic
     assert keys(0, 0) != keys(1, 0) and keys(0, 0) != keys(0, 1)
-    loader = data.train_loader(train, tf, batch_size=6, steps=1, rank=0, world_size=1, workers=0, seed=0, epoch=0,
+    loader = wds_loader.train_loader(train, tf, batch_size=6, steps=1, rank=0, world_size=1, workers=0, seed=0, epoch=0,
                                repeats=3)
     batch = next(iter(loader))
     assert batch["keys"][0] == batch["keys"][1] == batch["keys"][2] != batch["keys"][3]
@@ -305,17 +297,17 @@ def test_train_stream_differs_per_rank_and_epoch_and_repeats_augmentation(demo_s
 
 def test_corrupt_sample_in_a_shard_is_skipped_counted_and_named(demo_shards, tmp_path):
     """A shard whose second sample's JPEG is garbage: both readers skip it, warn with shard and key."""
-    src = data.load_split(demo_shards, "validation")
+    src = shardformat.load_split(demo_shards, "validation")
     bad_shard = tmp_path / "bad-0000.tar"
     samples = list(wds.tariterators.tarfile_samples([{"url": src.urls[0]}]))
     with wds.TarWriter(str(bad_shard)) as tw:
         for i, s in enumerate(samples):
             tw.write({"__key__": s["__key__"], "jpg": b"garbage" if i == 1 else s["jpg"], "cls": s["cls"]})
-    shards = data.ShardSet("validation", [str(bad_shard)], [len(samples)], 10)
-    stream = data.ValidationStream(shards, data.eval_transform(32), batch_size=4, rank=0, world_size=1, workers=1)
+    shards = shardformat.ShardSet("validation", [str(bad_shard)], [len(samples)], 10)
+    stream = validation.ValidationStream(shards, transforms.eval_transform(32), batch_size=4, rank=0, world_size=1, workers=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batches = list(data.validation_loader(stream))
+        batches = list(validation.validation_loader(stream))
     assert sum(len(b["keys"]) for b in batches) == len(samples) - 1
     assert sum(b["skipped"] for b in batches) == 1
     assert any(str(bad_shard) in str(w.message) and samples[1]["__key__"] in str(w.message) for w in caught)
@@ -323,11 +315,11 @@ def test_corrupt_sample_in_a_shard_is_skipped_counted_and_named(demo_shards, tmp
 
 def _epoch_keys(shards, epoch, world_size, workers, repeats, batch_size=6):
     """Every key the ranks of one epoch train on (each rank reads its part of the split)."""
-    tf = data.train_transform(16, None)
+    tf = transforms.train_transform(16, None)
     steps = shards.num_samples // (batch_size * world_size)
     keys = []
     for rank in range(world_size):
-        keys += _keys_of(data.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=rank,
+        keys += _keys_of(wds_loader.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=rank,
                                            world_size=world_size, workers=workers, seed=0, epoch=epoch,
                                            repeats=repeats))
     return keys
@@ -337,15 +329,15 @@ def test_an_epoch_reads_every_shard_once_when_there_are_enough(demo_shards):
     """18 shards over 2 ranks x 2 workers: a permutation per epoch, so an epoch's samples are nearly all
     distinct (only the ends of uneven shares repeat or go unread); resampling with replacement, forced by
     offering only 3 shards to the same 4 readers, gives each of them random shards instead."""
-    train = data.load_split(demo_shards, "train")
-    assert data.epoch_sampling(len(train.urls), 2, 2, 1) == data.PERMUTED
+    train = shardformat.load_split(demo_shards, "train")
+    assert wds_loader.epoch_sampling(len(train.urls), 2, 2, 1) == wds_loader.PERMUTED
     permuted = _epoch_keys(train, 0, world_size=2, workers=2, repeats=1)
     assert len(permuted) == train.num_samples // 12 * 12
     assert len(set(permuted)) / train.num_samples >= 0.9
     assert _epoch_keys(train, 1, world_size=2, workers=2, repeats=1) != permuted  # a new permutation
 
-    few = data.ShardSet("train", train.urls[:3], train.lengths[:3], train.num_classes)
-    assert data.epoch_sampling(3, 2, 2, 1) == data.RESAMPLED
+    few = shardformat.ShardSet("train", train.urls[:3], train.lengths[:3], train.num_classes)
+    assert wds_loader.epoch_sampling(3, 2, 2, 1) == wds_loader.RESAMPLED
     resampled = _epoch_keys(few, 0, world_size=2, workers=2, repeats=1, batch_size=3)
     assert len(resampled) == few.num_samples // 6 * 6
     assert len(set(resampled)) / few.num_samples < len(set(permuted)) / train.num_samples
@@ -356,8 +348,8 @@ def _stream_epochs(shards, epochs, steps, workers, repeats, batch_size=6):
     and the loader's worker processes seen at the end of each epoch."""
     import psutil
 
-    tf = data.train_transform(16, None)
-    it = iter(data.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=0, world_size=1,
+    tf = transforms.train_transform(16, None)
+    it = iter(wds_loader.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=0, world_size=1,
                                 workers=workers, seed=0, epoch=0, repeats=repeats, steps_per_epoch=steps))
     me = psutil.Process()
     keys, workers_seen = [], []
@@ -372,7 +364,7 @@ def test_one_loader_serves_every_epoch_from_the_same_workers(demo_shards):
     """The train stream outlives an epoch: the same two worker processes make three epochs (an odd
     number of batches each, so the workers take turns starting an epoch), and each epoch is still a
     fresh permutation that reads nearly every sample once."""
-    train = data.load_split(demo_shards, "train")
+    train = shardformat.load_split(demo_shards, "train")
     steps = train.num_samples // 8
     assert steps % 2 == 1
     epochs, workers_seen = _stream_epochs(train, 3, steps, workers=2, repeats=1, batch_size=8)
@@ -386,13 +378,13 @@ def test_repeated_augmentation_spreads_one_pass_over_as_many_epochs(demo_shards)
     """Repeats x3: each epoch reads a third of the shards (each image three times); three epochs together
     read every shard once, like timm's RepeatAugSampler over its epochs. The epochs come from one
     loader, as in training."""
-    train = data.load_split(demo_shards, "train")
-    assert data.epoch_sampling(len(train.urls), 1, 2, 3) == data.PERMUTED
+    train = shardformat.load_split(demo_shards, "train")
+    assert wds_loader.epoch_sampling(len(train.urls), 1, 2, 3) == wds_loader.PERMUTED
     steps = train.num_samples // 6
     epochs, _ = _stream_epochs(train, 3, steps, workers=2, repeats=3)
     for keys in epochs:
         assert len(set(keys)) <= len(keys) / 3 + 7  # each decoded image yields three samples
-    predicted = data.pass_coverage(train.lengths, 1, 2, 3, 6, steps)
+    predicted = wds_loader.pass_coverage(train.lengths, 1, 2, 3, 6, steps)
     assert predicted >= 0.97 and len(set().union(*epochs)) / train.num_samples >= predicted - 1e-9
 
 
@@ -403,16 +395,16 @@ def test_a_pass_reads_nearly_every_imagenet_image_at_the_cluster_layouts(world, 
     batch 4096 in micro-batches of 256 and RA x3. Whole shards dealt out per epoch read 83-92% of the images
     per pass at these layouts; equal runs of samples streamed across the pass read >= 99%."""
     lengths = [1252] * 1023 + [1_281_167 - 1252 * 1023]
-    assert data.epoch_sampling(len(lengths), world, workers, 3) == data.PERMUTED
-    assert data.pass_coverage(lengths, world, workers, 3, 256, 1_281_167 // 4096 * accum) >= 0.99
+    assert wds_loader.epoch_sampling(len(lengths), world, workers, 3) == wds_loader.PERMUTED
+    assert wds_loader.pass_coverage(lengths, world, workers, 3, 256, 1_281_167 // 4096 * accum) >= 0.99
 
 
 def test_a_pass_deals_every_sample_to_exactly_one_reader():
     urls, lengths = [f"s{i}.tar" for i in range(10)], [7, 5, 7, 7, 3, 7, 7, 7, 2, 7]
     dealt = [(seg["url"], k) for rank in range(2) for worker in range(3)
-             for seg in data._pass_share(urls, lengths, rank, 2, worker, 3, seed=0, pass_index=0)
+             for seg in wds_loader._pass_share(urls, lengths, rank, 2, worker, 3, seed=0, pass_index=0)
              for k in range(seg["first"], seg["end"])]
     assert sorted(dealt) == sorted((u, k) for u, n in zip(urls, lengths) for k in range(n))
-    sizes = [sum(seg["end"] - seg["first"] for seg in data._pass_share(urls, lengths, 0, 1, w, 6, 0, 0))
+    sizes = [sum(seg["end"] - seg["first"] for seg in wds_loader._pass_share(urls, lengths, 0, 1, w, 6, 0, 0))
              for w in range(6)]
     assert max(sizes) - min(sizes) <= 1  # equal runs, whatever the shard sizes

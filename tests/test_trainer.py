@@ -76,7 +76,7 @@ def test_results_hold_the_six_metrics_and_the_invariant(two_rank_run):
     assert env["git_commit"].removesuffix("-dirty") == head
     assert r["plan"]["deepspeed_config"]["timers"]["throughput"]["enabled"] is False
     assert r["config"]["fused_attn"] is True  # timm's ViT attention runs through PyTorch SDPA
-    assert r["config"]["peak_tflops_source"] == "--peak-tflops"
+    assert r["plan"]["measurement"]["peak_tflops_source"] == "--peak-tflops"
     # MFU from the summary's own figures: FLOPs per sample x p_core per device over the given peak.
     assert r["mfu_core(%)"] == pytest.approx(100 * r["config"]["flops_per_sample"] * r["p_core"] / 2 / 1e12 / PEAK)
 

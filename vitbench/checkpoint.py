@@ -21,9 +21,12 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from vitbench.errors import UserError
+from vitbench.files import fsync, fsync_tree
 
 MARKER = "COMPLETE"
 UNIVERSAL = "universal"  # subfolder of a checkpoint: its DeepSpeed-universal conversion
@@ -34,6 +37,12 @@ GIB = 1024**3
 
 class CheckpointError(UserError):
     pass
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every_steps: int  # optimizer steps between checkpoints; 0: at the end only
+    keep: int  # complete checkpoints kept (older ones are removed after a save)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -205,23 +214,6 @@ def to_universal(path: Path, log=print) -> Path:
     return out
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under ROOT to stable storage (what this host wrote of it)."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
-
-
-def _fsync(path: Path) -> None:
-    """A file's or a folder's entries to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sizes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -270,7 +262,7 @@ def save(accelerator, root: Path, step: int, keep: int, meta: dict, min_bytes: i
         raise CheckpointError(problem or "the main process found no room for the checkpoint")
     try:
         accelerator.save_state(str(tmp))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         # A rank whose write fails stops here; the launcher ends the others. Nothing half-written is
         # ever complete: the .tmp folder has no marker and the next save removes it.
@@ -291,9 +283,56 @@ def save(accelerator, root: Path, step: int, keep: int, meta: dict, min_bytes: i
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync(root)
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         _warn_if_next_will_not_fit(root, step, sum(marker["files"].values()))
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointManager:
+    """A run's checkpoints: when one is due, saving it (complete-or-ignored, rotated), the launch's choice of
+    checkpoint agreed by every rank, and loading it. MIN_BYTES: the least the first save needs (no earlier
+    checkpoint's size is known yet). BROADCAST: rank 0's list to every rank (accelerate's
+    broadcast_object_list)."""
+
+    def __init__(self, spec: CheckpointSpec, root: Path, accelerator, *, total_steps: int, meta: dict,
+                 min_bytes: int, broadcast: Callable[[list], list]):
+        self.spec, self.root, self.accelerator = spec, Path(root), accelerator
+        self.total_steps, self.meta, self.min_bytes, self.broadcast = total_steps, meta, min_bytes, broadcast
+
+    def due(self, step: int) -> bool:
+        """A periodic save after STEP (the end of training always saves, outside this rule)."""
+        every = self.spec.every_steps
+        return bool(every) and step % every == 0 and step < self.total_steps
+
+    def save(self, step: int, epoch: int) -> Path:
+        return save(self.accelerator, self.root, step, keep=self.spec.keep, meta={"epoch": epoch, **self.meta},
+                    min_bytes=self.min_bytes)
+
+    def agree_on_resume(self, resume_from: Path | None) -> None:
+        """Rank 0's choice of checkpoint is the launch's: a rank that sees another (an output directory that is
+        not one shared filesystem, a checkpoint written meanwhile) stops the launch instead of loading it."""
+        chosen = self.broadcast([str(resume_from)])[0]
+        if chosen != str(resume_from):
+            raise CheckpointError(
+                f"rank {self.accelerator.process_index} would resume from {resume_from}, rank 0 from {chosen}: "
+                "every node must see the same --output-dir (a shared filesystem)")
+
+    def load(self, resume_from: Path, universal: bool) -> None:
+        """Everything registered with the accelerator, from RESUME_FROM (through its universal conversion when
+        another number of processes wrote it)."""
+        accelerator, load_from = self.accelerator, resume_from
+        if universal:
+            if accelerator.is_main_process:
+                to_universal(resume_from, log=accelerator.print)
+            accelerator.wait_for_everyone()
+            load_from = resume_from / UNIVERSAL
+        try:
+            accelerator.load_state(str(load_from))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {resume_from} does not load into this launch ({type(e).__name__}: {str(e)[:300]}); "
+                f"its {MARKER} file records the settings it was written with") from None
+

@@ -3,11 +3,13 @@
 On a GPU the JPEGs are decoded by nvjpeg (`device="mixed"`, the hardware decoder where there is one)
 fused with the RandomResizedCrop region, then resized, flipped and RandAugment-ed on the GPU; on a CPU
 the same graph runs with DALI's CPU operators (so CI runs it). Batches leave the pipeline as uint8 NCHW,
-like the default loader's, and data.OnDevice normalizes them: the two loaders feed the model the same way.
-Validation keeps the exactly-once reader of vitbench.data.
+like the default loader's, and transforms.OnDevice normalizes them: the two loaders feed the model the same way.
+Validation keeps the exactly-once reader of vitbench.validation.
 
-Sharding: DALI splits the split's samples over ranks (`shard_id`/`num_shards`), shuffles within a buffer
-and reads every sample of its part once per DALI epoch (shards in a new order each epoch): honest epochs.
+Sharding: DALI splits the split's samples over ranks (`shard_id`/`num_shards`) and reads every sample of its
+part once per DALI epoch: honest epochs. The shards are read in the same order every epoch
+(`shuffle_after_epoch` cannot be combined with `random_shuffle`); samples are shuffled within a 4,096-sample
+buffer, and each epoch a rank moves on to the next part of the split (`stick_to_shard` off).
 Repeated augmentation xR decodes each read sample R times with independent crops and augmentations.
 Tar index files (`<shard>.idx`, DALI's `wds2idx` format, written by `prep_shards.py --dali-index`) are
 used when every shard has one; without them DALI infers the index by reading the tars at start.
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitbench.data import DataError, ShardSet, parse_label, split_member
+from vitbench.shardformat import DataError, ShardSet, parse_label, split_member
 
 INDEX_SUFFIX = ".idx"
 EPOCH_SAMPLING = "dali-sharded"  # results.json: DALI's reader splits the samples over ranks, each once per epoch
@@ -197,7 +199,7 @@ class DaliTrainLoader:
             raise DataError(self._message("could not read or decode a train sample", e)) from None
         ok, values, names = [], [], []
         for i in range(len(labels)):
-            # source_info is "<tar>:<offset>:<member>"; the key is the member's, by the one rule of data.py
+            # source_info is "<tar>:<offset>:<member>"; the key is the member's, by the one rule of shardformat.py
             source = bytes(np.asarray(keys.at(i))).decode("utf-8", "replace")
             tar, _offset, member = source.rsplit(":", 2)
             names.append((split_member(member) or (member, ""))[0])

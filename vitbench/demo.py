@@ -12,13 +12,16 @@ random draws (different seeds).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import random
 import shutil
 import sys
 from pathlib import Path
 
-from vitbench.prep import INFO_FILE, PrepError, prepare, write_json_atomic
+from vitbench.files import write_json_atomic
+from vitbench.prep import PrepError, prepare
+from vitbench.shardformat import INFO_FILE
 
 # Seven colour photographs and three grayscale ones (rendered as RGB): ten classes.
 PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
@@ -92,6 +95,14 @@ def build(out: Path = DEFAULT_DIR, train_per_class: int = 100, val_per_class: in
                 progress=progress)
     write_json_atomic(marker, params)
     return out
+
+
+def build_shared(out: Path = DEFAULT_DIR) -> Path:
+    """build() for every process of a launch: the first builds, the others wait on the lock and find it done."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build(out, progress=False)
 
 
 def main(argv=None) -> None:

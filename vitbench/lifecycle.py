@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from vitbench.errors import UserError
+from vitbench.files import writable_problem
 
 EXIT_INTERRUPTED = 75
 EXIT_ORPHANED = 76
@@ -68,8 +69,6 @@ class RunLock:
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
-        from vitbench.prep import writable_problem
-
         if problem := writable_problem(out_dir):  # the directory must take real writes, not just a lock file
             raise LockError(f"{out_dir}: not writable ({problem}); pick a writable --output-dir")
 

@@ -1,8 +1,9 @@
 """`--loader`: what a train loader is to the trainer (TrainLoader), what a flag set asks of it (LoaderSpec),
-and the one place that turns the spec into one of the two implementations:
+and the one place that knows the two implementations, for building them and for what the Plan asks of them
+(how an epoch is sampled, what share of the split a pass reads, what to warn about):
 
-  wds   vitbench.data.WdsTrainLoader: our shard reader + PIL/timm transforms in DataLoader worker processes
-  dali  vitbench.dali_loader.DaliTrainLoader: NVIDIA DALI (nvjpeg + GPU augmentation; CPU operators on a CPU)
+  wds   vitbench.wds_loader: our shard reader + PIL/timm transforms in DataLoader worker processes
+  dali  vitbench.dali_loader: NVIDIA DALI (nvjpeg + GPU augmentation; CPU operators on a CPU)
 
 Both hand the trainer full uint8 NCHW micro-batches as dicts {"images", "labels", "keys", "skipped"}; the
 trainer never asks which one it has.
@@ -14,13 +15,15 @@ import importlib.util
 from dataclasses import asdict, dataclass
 from typing import Iterator, Protocol
 
-from vitbench.data import DataError, ShardSet
+from vitbench import dali_loader, wds_loader
+from vitbench.shardformat import DataError, ShardSet
+from vitbench.transforms import train_transform
 
 LOADERS = ("wds", "dali")
 
 
 class TrainLoader(Protocol):
-    epoch_sampling: str  # results.json: how an epoch's samples were drawn (data.PERMUTED, RESAMPLED, dali-sharded)
+    epoch_sampling: str  # results.json: how an epoch's samples were drawn (permuted, resampled, dali-sharded)
 
     def batches(self, n: int) -> Iterator[dict]:
         """The next N micro-batches of this rank's stream, each exactly the micro-batch size."""
@@ -41,12 +44,28 @@ class LoaderSpec:
     def check(self) -> None:
         """What can be wrong with the loader before any work: DALI installed, the policy one DALI has."""
         if self.kind == "dali":
-            from vitbench.dali_loader import rand_augment_args
-
             if importlib.util.find_spec("nvidia.dali") is None:
                 raise DataError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda130; `make setup` "
                                 "installs it)")
-            rand_augment_args(self.auto_augment)
+            dali_loader.rand_augment_args(self.auto_augment)
+
+    def epoch_sampling(self, shards: ShardSet, world_size: int) -> str:
+        if self.kind == "dali":
+            return dali_loader.EPOCH_SAMPLING
+        return wds_loader.epoch_sampling(len(shards.urls), world_size, self.workers, self.repeats)
+
+    def pass_coverage(self, shards: ShardSet, world_size: int, batches_per_epoch: int) -> float | None:
+        """The share of the split a pass of permuted epochs reads (None where epochs are not permuted passes)."""
+        if self.epoch_sampling(shards, world_size) != wds_loader.PERMUTED:
+            return None
+        return wds_loader.pass_coverage(shards.lengths, world_size, self.workers, self.repeats, self.batch_size,
+                                        batches_per_epoch)
+
+    def start_warnings(self, shards: ShardSet, world_size: int) -> list[str]:
+        if self.kind == "dali" and world_size > 1 and dali_loader.index_paths(shards) is None:
+            return [f"--loader dali without index files: each of the {world_size} ranks reads every train shard's "
+                    "headers at start; write them once with `shards/prep_shards.py --split train --dali-index`"]
+        return []
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,16 +76,12 @@ def build(spec: LoaderSpec, shards: ShardSet, *, rank: int, world_size: int, see
     """This rank's train loader for the rest of the launch, which starts at STEP_IN_EPOCH of EPOCH after STEP
     optimizer steps; an epoch is STEPS_PER_EPOCH steps of GRAD_ACCUM micro-batches."""
     if spec.kind == "dali":  # the pipeline is built here, once per launch (it opens every train shard)
-        from vitbench.dali_loader import DaliTrainLoader
-
-        return DaliTrainLoader(shards, spec.img_size, spec.auto_augment, spec.batch_size, rank=rank,
-                               world_size=world_size, threads=spec.workers, seed=seed + 1000 * step,
-                               repeats=spec.repeats, device=device)
-    from vitbench import data
-
-    return data.WdsTrainLoader(data.train_loader(
-        shards, data.train_transform(spec.img_size, spec.auto_augment), spec.batch_size,
+        return dali_loader.DaliTrainLoader(shards, spec.img_size, spec.auto_augment, spec.batch_size, rank=rank,
+                                           world_size=world_size, threads=spec.workers, seed=seed + 1000 * step,
+                                           repeats=spec.repeats, device=device)
+    return wds_loader.WdsTrainLoader(wds_loader.train_loader(
+        shards, train_transform(spec.img_size, spec.auto_augment), spec.batch_size,
         (steps_per_epoch - step_in_epoch) * grad_accum, rank=rank, world_size=world_size, workers=spec.workers,
         seed=seed, epoch=epoch, resume_step=step_in_epoch, repeats=spec.repeats,
         steps_per_epoch=steps_per_epoch * grad_accum, pin_memory=device.type == "cuda"),
-        data.epoch_sampling(len(shards.urls), world_size, spec.workers, spec.repeats))
+        spec.epoch_sampling(shards, world_size))

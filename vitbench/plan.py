@@ -3,20 +3,27 @@
 `make_plan` is one function of the flags, the launcher's environment, the machine's facts, the data
 directory and the checkpoint directory. It only reads; it raises a UserError subclass naming the flag, file
 or checkpoint that is wrong, and the command-line edge turns that into one line and exit status 2. What it
-returns is frozen: the trainer creates objects from it and never decides again. `results.json` records it.
+returns is frozen and is the trainer's only input: the trainer creates objects from it and never decides
+again, and each component gets its own part (the recipe, the checkpoint and evaluation cadence, what is
+measured, where metrics go). `results.json` records all of it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vitbench import checkpoint, dali_loader, data, dsconfig, tracking
+from vitbench import checkpoint, dsconfig, tracking
+from vitbench.checkpoint import CheckpointSpec
 from vitbench.errors import UserError
+from vitbench.evaluator import EvalSpec
 from vitbench.loaders import LoaderSpec
 from vitbench.precision import SPECS, PrecisionSpec
+from vitbench.profiler import peak_tflops
 from vitbench.runinfo import MachineFacts, layout
+from vitbench.shardformat import ShardSet, load_split
+from vitbench.tracking import TrackingSpec
 
 MAX_DEFAULT_WORKERS = 16  # JPEG decoding needs many cores per GPU (FlagPerf uses 16)
 # timm create_model arguments that flags own: setting them through --model-kwargs would contradict a flag.
@@ -26,6 +33,45 @@ FLAG_OWNED_MODEL_KWARGS = {"num_classes": "the data's _info.json", "img_size": "
 
 class PlanError(UserError):
     pass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What an optimizer step computes: batch, AdamW, the per-step cosine schedule, the loss and mixing."""
+
+    global_batch_size: int
+    batch_size: int  # per device and micro-batch
+    lr: float
+    weight_decay: float
+    clip_grad: float  # 0: no clipping
+    epochs: int
+    warmup_steps: int
+    warmup_lr: float  # the linear warm-up starts here
+    decay_steps: int  # the cosine's length, after the warm-up
+    min_lr: float
+    loss: str  # one of LOSSES
+    smoothing: float
+    mixup: float
+    cutmix: float
+    seed: int
+
+
+# Mixup/cutmix make soft targets (smoothing folded in); otherwise label smoothing, or plain cross-entropy.
+LOSSES = ("soft-target-cross-entropy", "label-smoothing-cross-entropy", "cross-entropy")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What is measured and how: log rows, the steady-state window, a trace, MFU's peak, compile, extras."""
+
+    log_interval: int  # steps between log rows
+    timing_warmup_steps: int  # steps left out of the *_steady figures
+    profile_steps: tuple[int, int] | None  # torch.profiler trace of steps A..B
+    peak_tflops: float | None  # one device's dense peak for MFU; None: unknown (no MFU)
+    peak_tflops_source: str | None
+    compile: bool
+    deepspeed_throughput_timer: bool
+    nccl_busbw_gbps: float | None  # measured by the user with nccl-tests, recorded beside the scaling figures
 
 
 @dataclass(frozen=True)
@@ -39,22 +85,26 @@ class Plan:
     n_params: int
     precision: PrecisionSpec
     loader: LoaderSpec
-    train: data.ShardSet = field(repr=False)
-    val: data.ShardSet = field(repr=False)
+    train: ShardSet = field(repr=False)
+    val: ShardSet = field(repr=False)
     ds_config: dict = field(repr=False)
+    recipe: Recipe
+    checkpoints: CheckpointSpec
+    evaluation: EvalSpec
+    measurement: Measurement
+    tracking: TrackingSpec
     zero_stage: int = 0
     grad_accum: int = 1
     loss_scaling: dict | None = None  # amp: step.LossScaler's init_scale and growth_interval
     zero_stage_requested: int = 0  # the config's or --zero-stage's (one process runs ZeRO-0 instead)
-    lr: float = 0.0
     steps_per_epoch: int = 1
     total_steps: int = 1
-    warmup_steps: int = 0
     run_name: str | None = None  # None: a default name with a timestamp, agreed by the ranks at start
     output_dir: Path | None = None  # None: runs/<run name>
     resume_from: Path | None = None
     universal: bool = False  # resume through DeepSpeed's universal checkpoint (the layout changed)
     finished: str | None = None  # --resume of a run that already finished: what to say instead of training
+    epoch_sampling: str = ""  # how the loader draws an epoch's samples (loaders.LoaderSpec.epoch_sampling)
     pass_coverage: float | None = None  # wds, permuted epochs: the share of the split a pass reads
     fix_hp: dict = field(default_factory=dict)  # recipe flags this launch changed (the table's fix_hp)
     warnings: tuple[str, ...] = ()
@@ -78,8 +128,11 @@ class Plan:
                          "num_classes": self.train.num_classes},
                 "deepspeed_config": self.ds_config, "zero_stage": self.zero_stage, "grad_accum_steps": self.grad_accum,
                 "loss_scaling": self.loss_scaling, "zero_stage_requested": self.zero_stage_requested,
-                "lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "pass_coverage": self.pass_coverage,
+                "recipe": asdict(self.recipe), "checkpoints": asdict(self.checkpoints),
+                "evaluation": asdict(self.evaluation), "measurement": asdict(self.measurement),
+                "tracking": asdict(self.tracking), "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "epoch_sampling": self.epoch_sampling,
+                "pass_coverage": self.pass_coverage,
                 "output_dir": str(self.output_dir) if self.output_dir else None,
                 "resume_from": str(self.resume_from) if self.resume_from else None, "universal": self.universal,
                 "fix_hp": self.fix_hp, "warnings": list(self.warnings)}
@@ -115,11 +168,9 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     loader = LoaderSpec(args.loader, workers, args.batch_size, args.aug_repeats, args.aa or None,
                         args.img_size or 224)
     loader.check()
-    train, val = data.load_split(args.data_dir, "train"), data.load_split(args.data_dir, "validation")
+    train, val = load_split(args.data_dir, "train"), load_split(args.data_dir, "validation")
     model_kwargs, n_params = _model(args, train.num_classes)
-    if loader.kind == "dali" and world > 1 and dali_loader.index_paths(train) is None:
-        warnings.append(f"--loader dali without index files: each of the {world} ranks reads every train shard's "
-                        "headers at start; write them once with `shards/prep_shards.py --split train --dali-index`")
+    warnings += loader.start_warnings(train, world)
     output_dir = Path(args.output_dir) if args.output_dir else \
         Path(repo) / "runs" / args.run_name if args.run_name else None
     resume_from = checkpoint.resolve_resume(args.resume, output_dir / "checkpoints" if output_dir else None,
@@ -155,18 +206,42 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     finished = checkpoint.finished_run(output_dir, total_steps) if args.resume and output_dir else None
     grad_accum = ds_config["gradient_accumulation_steps"]
-    permuted = loader.kind == "wds" and data.epoch_sampling(len(train.urls), world, workers, loader.repeats) == \
-        data.PERMUTED
-    coverage = data.pass_coverage(train.lengths, world, workers, loader.repeats, args.batch_size,
-                                  steps_per_epoch * grad_accum) if permuted else None
     return Plan(
         **lay, model=args.model, model_kwargs=model_kwargs, img_size=loader.img_size, n_params=n_params,
         precision=precision, loader=loader, train=train, val=val, ds_config=ds_config, zero_stage=zero_stage,
-        grad_accum=grad_accum, pass_coverage=coverage, loss_scaling=loss_scaling, zero_stage_requested=requested_stage,
-        lr=args.lr or args.lr_base * args.global_batch_size / args.lr_base_size,
+        grad_accum=grad_accum, loss_scaling=loss_scaling, zero_stage_requested=requested_stage,
+        recipe=_recipe(args, steps_per_epoch), checkpoints=CheckpointSpec(args.checkpoint_every, args.keep_checkpoints),
+        evaluation=EvalSpec(args.eval_every, args.eval_batch_size, args.target_acc1),
+        measurement=_measurement(args, machine, precision),
+        tracking=TrackingSpec(args.wandb, args.wandb_project, args.wandb_entity, args.wandb_group),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, finished=finished,
-        warmup_steps=round(args.warmup_epochs * steps_per_epoch), run_name=args.run_name, output_dir=output_dir,
-        resume_from=resume_from, universal=universal, fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
+        epoch_sampling=loader.epoch_sampling(train, world),
+        pass_coverage=loader.pass_coverage(train, world, steps_per_epoch * grad_accum),
+        run_name=args.run_name, output_dir=output_dir, resume_from=resume_from, universal=universal,
+        fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
+
+
+def _recipe(args, steps_per_epoch: int) -> Recipe:
+    lr = args.lr or args.lr_base * args.global_batch_size / args.lr_base_size  # linear scaling
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    loss = LOSSES[0] if args.mixup or args.cutmix else LOSSES[1] if args.smoothing else LOSSES[2]
+    return Recipe(global_batch_size=args.global_batch_size, batch_size=args.batch_size, lr=lr,
+                  weight_decay=args.weight_decay, clip_grad=args.clip_grad, epochs=args.epochs,
+                  warmup_steps=warmup_steps, warmup_lr=lr * args.warmup_lr_factor,
+                  decay_steps=max(1, args.epochs * steps_per_epoch - warmup_steps), min_lr=args.min_lr, loss=loss,
+                  smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, seed=args.seed)
+
+
+def _measurement(args, machine: MachineFacts, precision: PrecisionSpec) -> Measurement:
+    if args.peak_tflops:
+        peak, source = args.peak_tflops, "--peak-tflops"
+    else:  # a known GPU's datasheet figure; none for CPUs (no MFU rather than an invented peak)
+        peak, source = peak_tflops(machine.device_name if machine.device_type == "cuda" else None,
+                                   precision.peak_class)
+    return Measurement(log_interval=args.log_interval, timing_warmup_steps=args.timing_warmup_steps,
+                       profile_steps=args.profile_steps, peak_tflops=peak, peak_tflops_source=source,
+                       compile=args.compile, deepspeed_throughput_timer=args.deepspeed_throughput_timer,
+                       nccl_busbw_gbps=args.nccl_busbw)
 
 
 def _zero_is_pure_overhead(ds_config: dict, precision, checkpoint_stage: int | None) -> bool:

@@ -19,17 +19,19 @@ import json
 import os
 import random
 import re
+import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from vitbench.errors import UserError
+from vitbench.files import writable_problem, write_json_atomic
+from vitbench.shardformat import INFO_FILE, split_member
 
 DEFAULT_SHARD_SIZE = 1252  # 1,281,167 / 1252 -> 1024 train shards, as timm/imagenet-1k-wds
 JPEG_QUALITY = 90
 # Image modes that convert("RGB") renders faithfully (what the readers do); others are skipped and listed.
 FAITHFUL_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
-INFO_FILE = "_info.json"
 
 
 class PrepError(UserError):
@@ -42,19 +44,6 @@ class Source:
     wnid: str
     cls: int
     key: str
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_info(info_path: Path, name: str) -> dict:
@@ -261,10 +250,6 @@ def sha256_file(path: Path) -> str:
 
 
 def count_tar_samples(path: Path) -> int:
-    import tarfile
-
-    from vitbench.data import split_member
-
     with tarfile.open(path) as tf:
         return len({parts[0] for m in tf.getmembers() if m.isreg() and (parts := split_member(m.name))})
 
@@ -291,25 +276,6 @@ def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_si
         raise PrepError(f"{out}: {e.strerror or e} while writing {e.filename or 'a shard'}; the {done} shard(s) "
                         "completed so far are kept: make room (or fix the directory) and re-run the same command "
                         "to resume") from None
-
-
-def writable_problem(directory: Path) -> str | None:
-    """Why files cannot be written in DIRECTORY (made if missing), or None: a real write, not a permission
-    guess (a read-only or full filesystem, a file in the way). The probe file is created exclusively, so it
-    never writes through a symlink someone left under that name."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test{os.getpid()}"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, b"x")
-        finally:
-            os.close(fd)
-            probe.unlink()
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
 
 
 def check_writable(out: Path) -> None:

@@ -18,7 +18,8 @@ fastest rank, so a straggler shows as the gap.
 batches); the plain figures count every step, as FlagPerf does. `first_step_extra_s` is what the first step
 took beyond a steady one: with --compile, the compile time (results.json `compile_s`).
 
-The hot path per step is three clock reads and, on devices with events, two event records.
+The hot path per step is two host clock reads and two event records on devices with events (data start and
+compute start; the compute time comes from the events), three clock reads and a no-op sync without.
 """
 
 from __future__ import annotations

@@ -100,13 +100,24 @@ def zero_stage(r: dict):
 def describe(r: dict) -> dict:
     """What defines a run's work, field by field: runs are compared only where these match, but for what the
     comparison varies (the layout for scaling; precision and ZeRO stage for the precision x ZeRO matrix)."""
-    cfg = r.get("config", {})
-    return {"device": device_short_name(r.get("environment", {})), "model": cfg.get("model"),
-            "img_size": cfg.get("img_size"), "patch_size": cfg.get("patch_size"),
-            "model_kwargs": json.dumps(cfg.get("model_kwargs") or {}, sort_keys=True),
-            "batch_size": cfg.get("batch_size"), "global_batch_size": r.get("global_batch_size"),
-            "loader": r.get("loader", "wds"), "compile": bool(cfg.get("compile")),
-            "precision": r.get("precision"), "zero_stage": zero_stage(r),
+    plan = r.get("plan") or {}
+    if "recipe" in plan:  # the Plan's decisions (results.json since the Plan records them)
+        model_kwargs = dict(plan.get("model_kwargs") or {})
+        work = {"model": plan.get("model"), "img_size": plan.get("img_size"),
+                "patch_size": model_kwargs.get("patch_size"), "batch_size": plan["recipe"]["batch_size"],
+                "compile": bool(plan["measurement"]["compile"])}
+    else:  # older files: the flags
+        cfg = r.get("config", {})
+        model_kwargs = dict(cfg.get("model_kwargs") or {})
+        work = {"model": cfg.get("model"), "img_size": cfg.get("img_size"), "patch_size": cfg.get("patch_size"),
+                "batch_size": cfg.get("batch_size"), "compile": bool(cfg.get("compile"))}
+    for owned in ("num_classes", "img_size", "patch_size"):  # set by flags, compared above
+        model_kwargs.pop(owned, None)
+    return {"device": device_short_name(r.get("environment", {})), "model": work["model"],
+            "img_size": work["img_size"], "patch_size": work["patch_size"],
+            "model_kwargs": json.dumps(model_kwargs, sort_keys=True), "batch_size": work["batch_size"],
+            "global_batch_size": r.get("global_batch_size"), "loader": r.get("loader", "wds"),
+            "compile": work["compile"], "precision": r.get("precision"), "zero_stage": zero_stage(r),
             "layout": f"{r['nnodes']}x{r['nproc_per_node']}"}
 
 
@@ -226,7 +237,7 @@ def build_workspace(entity_project: str, name: str = "vitbench"):
 
     entity, _, project = entity_project.partition("/")
     if not entity or not project:
-        raise ValueError(f"--wandb-workspace wants ENTITY/PROJECT, got '{entity_project}'")
+        raise ResultsError(f"--wandb-workspace wants ENTITY/PROJECT, got '{entity_project}'")
     sections = []
     for title, panels in WORKSPACE_SECTIONS.items():
         x = f"{M.EVAL_PREFIX}epoch" if title == "Accuracy" else f"{M.TRAIN_PREFIX}step"

@@ -13,6 +13,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from vitbench.errors import UserError
@@ -20,7 +21,13 @@ from vitbench.metrics import EPOCH, EVAL_PREFIX, STEP, TRAIN_PREFIX
 
 METRICS_FILE = "metrics.jsonl"
 
-TABLE_COLUMNS = ["config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"]
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    mode: str  # "online" (offline when there are no credentials), "offline" or "off"
+    project: str
+    entity: str | None
+    group: str | None  # None: the run name
 
 
 def init_timeout(environ=os.environ) -> float:
@@ -37,29 +44,28 @@ def init_timeout(environ=os.environ) -> float:
 
 
 class Tracker:
-    def __init__(self, mode: str, *, enabled: bool, run_dir: Path, project: str, entity: str | None,
-                 name: str, group: str, config: dict):
-        self.run = None
-        self.mode = mode
-        self.run_dir = Path(run_dir)
-        self.jsonl = None
+    """Where SPEC says, on the main process (ENABLED): metrics.jsonl under RUN_DIR and a W&B run NAME."""
+
+    def __init__(self, spec: TrackingSpec, *, enabled: bool, run_dir: Path, name: str, config: dict):
+        self.run, self.mode, self.run_dir, self.jsonl = None, spec.mode, Path(run_dir), None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Appended (a resumed run adds to its rows) and flushed per row: a killed run keeps what it logged.
         self.jsonl = open(self.run_dir / METRICS_FILE, "a", buffering=1)
-        if mode == "off":
+        if self.mode == "off":
             return
-        if mode == "online":
+        where = (spec.project, spec.entity, name, spec.group or name, config)
+        if self.mode == "online":
             try:
-                self._init(project, entity, name, group, config)
+                self._init(*where)
                 return
             except Exception as e:  # server unreachable, auth refused: keep the metrics in offline files
                 self._close_quietly()
                 self.mode = "offline"
                 print(f"wandb: online start failed ({type(e).__name__}: {str(e)[:200]}); logging offline instead, "
                       f"upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`")
-        self._guard("init", self._init, project, entity, name, group, config)
+        self._guard("init", self._init, *where)
 
     def _init(self, project, entity, name, group, config):
         import wandb
@@ -68,7 +74,6 @@ class Tracker:
             self.mode = "offline"
             print("wandb: no credentials found, logging offline; upload later with "
                   f"`wandb sync {self.run_dir / 'wandb'}/offline-run-*`")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         # W&B keeps debug logs and staged artifacts under ~ unless told otherwise: keep them in the run dir.
         os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / "cache"))
         os.environ.setdefault("WANDB_DATA_DIR", str(self.run_dir / "wandb" / "data"))
@@ -135,22 +140,23 @@ class Tracker:
         self._write(kind, step, {})
 
     def abort(self) -> None:
-        """The run ended with an error: close the metrics file and mark the W&B run failed (no-op after
-        finish)."""
+        """The run ended with an error: close metrics.jsonl, mark the W&B run failed (no-op after finish)."""
         self._close_jsonl()
         self._close_quietly()
         self.run = None
 
-    def finish(self, summary: dict, table_row: list, artifacts: list[Path] = ()) -> None:
+    def finish(self, summary: dict, table: tuple[list, list], artifacts: list[Path] = ()) -> None:
+        """SUMMARY: the run's figures; TABLE: (columns, row) of the results table."""
         self._close_jsonl()
         if self.run:
-            self._guard("finish", self._finish, summary, table_row, artifacts)
+            self._guard("finish", self._finish, summary, table, artifacts)
 
-    def _finish(self, summary, table_row, artifacts):
+    def _finish(self, summary, table, artifacts):
         import wandb
 
         self.run.summary.update(summary)
-        self.run.log({"results": wandb.Table(columns=TABLE_COLUMNS, data=[table_row])})
+        columns, row = table
+        self.run.log({"results": wandb.Table(columns=columns, data=[row])})
         for path in artifacts:
             art = wandb.Artifact(f"{self.run.id}-{path.name}", type="profile")
             art.add_dir(str(path)) if path.is_dir() else art.add_file(str(path))

@@ -1,0 +1,75 @@
+"""How the code is laid out, checked from its source in milliseconds: no import cycle among the project's modules
+(imports inside functions counted), no class over 120 lines but the step profiler, the trainer reads only the
+Plan, and every flag is typed."""
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+from vitbench import cli
+
+SOURCES = sorted([*REPO.glob("vitbench/*.py"), REPO / "train_vit.py", REPO / "report.py",
+                  REPO / "shards" / "prep_shards.py"])
+LONG_CLASSES_ALLOWED = {"StepProfiler"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    return ".".join(rel.parts) if rel.parts[0] == "vitbench" else rel.name
+
+
+def project_imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules PATH imports anywhere in it (top level, functions, classes)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # from vitbench import data
+    return found & modules
+
+
+def test_no_import_cycle_among_the_projects_modules():
+    modules = {module_name(p): p for p in SOURCES}
+    graph = {m: project_imports(p, set(modules)) - {m} for m, p in modules.items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert "vitbench.data" not in modules and graph["vitbench.plan"].isdisjoint({"vitbench.dali_loader",
+                                                                                 "vitbench.wds_loader"})
+
+
+def test_no_class_over_120_lines_but_the_step_profiler():
+    long = [f"{p.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)" for p in SOURCES
+            for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 120
+            and node.name not in LONG_CLASSES_ALLOWED]
+    assert long == []
+
+
+def test_the_trainer_reads_no_flag_only_the_plan():
+    tree = ast.parse((REPO / "train_vit.py").read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+        {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments) for a in n.args}
+    assert not names & {"args", "flags", "argparse"}
+
+
+def test_every_flag_is_typed_in_flags():
+    dests = {a.dest for a in cli.build_parser()._actions if a.dest != "help"}
+    assert dests <= set(cli.Flags.__annotations__)
+    assert set(cli.Flags.__annotations__) - dests == {"fix_hp"}

@@ -1,0 +1,275 @@
+"""train_vit.py's command line: the flags (typed, checked as they are parsed), the demo's defaults, and the process
+edge that turns a UserError into one line and exit status 2. Nothing here decides anything: `plan()` hands the
+flags to vitbench.plan.make_plan, and the trainer sees only the Plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+
+from vitbench import demo, lifecycle, precision
+from vitbench.errors import EXIT_USER_ERROR, UserError, one_line
+from vitbench.loaders import LOADERS
+from vitbench.plan import Plan, make_plan
+from vitbench.runinfo import MachineFacts, single_process_env
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = os.environ.get("VITBENCH_DATA_DIR", "/data/imagenet-wds")
+TRAIN_VIT_DOC = """Train a Vision Transformer on ImageNet WebDataset shards with accelerate + DeepSpeed.
+
+With no arguments this is FlagPerf's ViT-B/16 case (torchvision's recipe), e.g.
+    accelerate launch --config_file accelerate_configs/1x8.yaml train_vit.py
+and on a CPU, in minutes, on the embedded demo photos:
+    python train_vit.py --demo
+    accelerate launch --config_file accelerate_configs/cpu_1x2.yaml train_vit.py --demo
+"""
+
+# FlagPerf's recipe flags: any that a run changes is listed in its `fix_hp` column.
+RECIPE_FLAGS = ["model", "img_size", "batch_size", "global_batch_size", "lr", "lr_base", "weight_decay", "epochs",
+                "warmup_epochs", "smoothing", "mixup", "cutmix", "aa", "aug_repeats", "clip_grad"]
+
+# --demo: a CPU-sized run of the same pipeline (flags given explicitly still win).
+DEMO = dict(model="vit_tiny_patch16_224", img_size=64, patch_size=8, batch_size=32, global_batch_size=64,
+            lr=1e-3, weight_decay=0.05, epochs=6, warmup_epochs=1, mixup=0.0, cutmix=0.0, smoothing=0.1,
+            aug_repeats=1, eval_batch_size=100, workers=1, precision="fp32", log_interval=5,
+            target_acc1=None, wandb="offline")
+
+
+class Flags(argparse.Namespace):
+    """The parsed flags, typed (a test checks every flag is listed here). Only make_plan reads them."""
+
+    data_dir: str
+    workers: int | None
+    loader: str
+    demo: bool
+    model: str
+    img_size: int | None
+    patch_size: int | None
+    model_kwargs: dict
+    compile: bool
+    batch_size: int
+    global_batch_size: int
+    lr: float | None
+    lr_base: float
+    lr_base_size: int
+    weight_decay: float
+    epochs: int
+    warmup_epochs: float
+    warmup_lr_factor: float
+    min_lr: float
+    smoothing: float
+    mixup: float
+    cutmix: float
+    aa: str
+    aug_repeats: int
+    clip_grad: float
+    target_acc1: float | None
+    seed: int
+    precision: str | None
+    zero_stage: int | None
+    deepspeed_config: str | None
+    eval_batch_size: int
+    eval_every: int
+    max_steps: int | None
+    nccl_busbw: float | None
+    deepspeed_throughput_timer: bool
+    output_dir: str | None
+    run_name: str | None
+    checkpoint_every: int
+    keep_checkpoints: int
+    resume: str
+    log_interval: int
+    timing_warmup_steps: int
+    profile_steps: tuple[int, int] | None
+    peak_tflops: float | None
+    wandb: str
+    wandb_project: str
+    wandb_entity: str | None
+    wandb_group: str | None
+    fix_hp: dict  # the recipe flags this launch changed
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as every other start-up error
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
+
+
+def at_least(minimum, kind=int, below=None):
+    """argparse type: a finite number >= MINIMUM (and < BELOW), refused at parse time, before any work."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got '{text}'") from None
+        if not math.isfinite(value) or value < minimum or (below is not None and value >= below):
+            limits = f">= {minimum}" + (f" and < {below}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {limits}, got {text}")
+        return value
+    return parse
+
+
+def step_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+):(\d+)", text)
+    if not m or int(m[1]) >= int(m[2]):
+        raise argparse.ArgumentTypeError(f"wants A:B with 0 <= A < B, got '{text}'")
+    return int(m[1]), int(m[2])
+
+
+def key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got '{text}'")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a plain string, e.g. global_pool=avg
+
+
+POS, NONNEG, POS_FLOAT, NONNEG_FLOAT = at_least(1), at_least(0), at_least(1e-12, float), at_least(0.0, float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train_vit.py", description=TRAIN_VIT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help="shards + _info.json (default: $VITBENCH_DATA_DIR or %(default)s)")
+    g.add_argument("--workers", "-j", type=NONNEG, default=None,
+                   help="data loader processes per device (default: usable CPUs / devices - 1, at most 16)")
+    g.add_argument("--loader", choices=LOADERS, default="wds",
+                   help="train loader: wds (shard reader + PIL/timm transforms in worker processes) or dali "
+                        "(NVIDIA DALI: nvjpeg decode and augmentation on the GPU; CPU operators on a CPU)")
+    g.add_argument("--demo", action="store_true", help="build the demo shards if missing and run a CPU-sized demo")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16_224", help="any timm model name")
+    g.add_argument("--img-size", type=POS, default=None, help="input size (default: the model's, 224)")
+    g.add_argument("--patch-size", type=POS, default=None, help="ViT patch size passed to timm")
+    g.add_argument("--model-kwargs", nargs="*", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="extra timm create_model arguments, e.g. depth=6 embed_dim=384")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (DeepSpeed engine.compile)")
+    _add_recipe_flags(p.add_argument_group("recipe (FlagPerf / torchvision ViT-B/16)"))
+    _add_system_flags(p.add_argument_group("system"))
+    _add_output_flags(p.add_argument_group("output"))
+    return p
+
+
+def _add_recipe_flags(g) -> None:
+    g.add_argument("--batch-size", "-b", type=POS, default=256, help="micro-batch per device")
+    g.add_argument("--global-batch-size", type=POS, default=4096,
+                   help="images per optimizer step; gradient accumulation = global / (batch-size x devices)")
+    g.add_argument("--lr", type=POS_FLOAT, default=None, help="absolute lr (default: --lr-base scaled linearly)")
+    g.add_argument("--lr-base", type=POS_FLOAT, default=3e-3, help="lr at --lr-base-size global batch")
+    g.add_argument("--lr-base-size", type=POS, default=4096)
+    g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.3)
+    g.add_argument("--epochs", type=POS, default=300)
+    g.add_argument("--warmup-epochs", type=NONNEG_FLOAT, default=30)
+    g.add_argument("--warmup-lr-factor", type=NONNEG_FLOAT, default=0.033,
+                   help="warm-up starts at this fraction of lr")
+    g.add_argument("--min-lr", type=NONNEG_FLOAT, default=0.0)
+    g.add_argument("--smoothing", type=at_least(0.0, float, below=1.0), default=0.11, help="label smoothing")
+    g.add_argument("--mixup", type=NONNEG_FLOAT, default=0.2, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=NONNEG_FLOAT, default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5", help="timm auto-augment policy ('' for none)")
+    g.add_argument("--aug-repeats", type=POS, default=3, help="repeated augmentation copies per decoded image")
+    g.add_argument("--clip-grad", type=NONNEG_FLOAT, default=1.0, help="gradient norm clipping (0: off)")
+    g.add_argument("--target-acc1", type=at_least(0.0, float), default=79.98,
+                   help="stop once validation top-1 reaches this")
+    g.add_argument("--seed", type=int, default=41)
+
+
+def _add_system_flags(g) -> None:
+    g.add_argument("--precision", choices=precision.PRECISIONS, default=None,
+                   help="fp32 | tf32 | amp (fp16 autocast + loss scaling) | fp16 | bf16 (default: amp on one node; "
+                        "bf16 across nodes where the device has it: no loss scaling)")
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="override the ZeRO stage of the DeepSpeed config")
+    g.add_argument("--deepspeed-config", default=None,
+                   help="DeepSpeed JSON (default: the launch config's, else ds_configs/zero1.json)")
+    g.add_argument("--eval-batch-size", type=POS, default=512)
+    g.add_argument("--eval-every", type=POS, default=1, help="evaluate every N epochs (and at the end)")
+    g.add_argument("--max-steps", type=POS, default=None, help="stop after N optimizer steps")
+    g.add_argument("--nccl-busbw", type=POS_FLOAT, default=None, metavar="GB/S",
+                   help="all_reduce bus bandwidth measured with nccl-tests across this run's nodes, recorded in "
+                        "results.json beside the scaling figures (README: before the first 2x8 run)")
+    g.add_argument("--deepspeed-throughput-timer", action="store_true",
+                   help="also run DeepSpeed's ThroughputTimer (a second opinion on p_core; it synchronizes the "
+                        "device every step: for benchmarks only)")
+
+
+def _add_output_flags(g) -> None:
+    g.add_argument("--output-dir", default=None, help="default: runs/<run-name>")
+    g.add_argument("--run-name", default=None)
+    g.add_argument("--checkpoint-every", type=NONNEG, default=0,
+                   help="optimizer steps between checkpoints (0: end only)")
+    g.add_argument("--keep-checkpoints", type=POS, default=2)
+    g.add_argument("--resume", default="", help="'auto' (newest complete checkpoint in the output dir) or a path")
+    g.add_argument("--log-interval", type=POS, default=20, help="steps between profiler rows")
+    g.add_argument("--timing-warmup-steps", type=NONNEG, default=10,
+                   help="steps left out of the *_steady throughput figures")
+    g.add_argument("--profile-steps", type=step_range, default=None, metavar="A:B",
+                   help="torch.profiler trace of steps A..B (0 <= A < B)")
+    g.add_argument("--peak-tflops", type=POS_FLOAT, default=None, help="device peak for MFU (default: known table)")
+    g.add_argument("--wandb", choices=["online", "offline", "off"], default="online",
+                   help="online falls back to offline when there are no credentials")
+    g.add_argument("--wandb-project", default="vitbench")
+    g.add_argument("--wandb-entity", default=None)
+    g.add_argument("--wandb-group", default=None, help="default: the run name")
+
+
+def parse_args(argv=None) -> Flags:
+    parser = build_parser()
+    args = parser.parse_args(argv, namespace=Flags())
+    if args.demo:  # the demo's values become the defaults: what the user typed still wins
+        parser.set_defaults(**DEMO, data_dir=str(demo.DEFAULT_DIR))
+        args = parser.parse_args(argv, namespace=Flags())
+    recipe = build_parser()
+    args.fix_hp = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) != recipe.get_default(k)}
+    args.model_kwargs = dict(args.model_kwargs)
+    return args
+
+
+def plan(argv=None) -> Plan:
+    """The Plan of this launch: flags parsed, the demo's shards built (--demo), every decision made and checked.
+    Its errors are the same on every rank of a node (they read the same flags, data and checkpoints), so
+    `run` prints them once per node."""
+    flags = parse_args(argv)
+    single_process_env()  # plain `python train_vit.py` is a one-process launch of the same path
+    if flags.demo:
+        demo.build_shared()
+    try:
+        return make_plan(flags, os.environ, MachineFacts.probe(), REPO)
+    except UserError as e:
+        e.same_on_every_local_rank = True
+        raise
+
+
+def run(main, argv=None) -> None:
+    """The process edge around MAIN. A UserError (bad flag, data, config or checkpoint; a diverged loss) is one
+    line and exit status 2. Errors leave through os._exit once main's own clean-up has run: interpreter teardown
+    could hang on ranks still waiting in a collective (the launcher ends those when this one exits)."""
+    lifecycle.exit_with_launcher()
+    try:
+        main(argv)
+        return
+    except UserError as e:
+        if not getattr(e, "same_on_every_local_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {one_line(e)}", file=sys.stderr)  # a Plan error: once per node
+        code = EXIT_USER_ERROR
+    except SystemExit as e:  # 75: interrupted with a checkpoint
+        code = e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C before the stop handler exists (start-up): nothing was trained yet
+        print("interrupted during start-up; nothing was trained", file=sys.stderr)
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
