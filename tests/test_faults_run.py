@@ -173,7 +173,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(demo_shards, tmp_p
 def test_one_run_per_output_directory_and_a_dead_runs_lock_does_not_block(demo_shards, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([str(BIN / "python"), str(REPO / "train_vit.py"),
-                              *common(demo_shards, out, "--max-steps", "400", "--epochs", "60", "--wandb", "off")],
+                              *common(demo_shards, out, "--max-steps", "100000", "--epochs", "10000",
+                                      "--target-acc1", "101", "--wandb", "off")],  # runs until killed
                              cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     wait_for(lambda: (out / ".lock").is_file() and "pid" in (out / ".lock").read_text(), what="the first run's lock")

@@ -96,7 +96,7 @@ def test_wandb_offline_files_hold_step_rows_and_summary(two_rank_run):
     for key in ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem_used_gib"):
         assert summary["summary"][key] == pytest.approx(r[key]), key
     assert summary["summary"]["results"]["_type"] == "table-file"
-    assert summary["config"]["zero_stage"] == stage and summary["state"] == "finished"
+    assert summary["config"]["plan"]["zero_stage"] == stage and summary["state"] == "finished"
     # The dashboard's panels plot series this run really logged (MFU, device memory and loss scale
     # exist only on GPUs / in fp16).
     logged = set().union(*rows, *wandb_history(out))
