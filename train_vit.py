@@ -142,7 +142,8 @@ def setup(plan: Plan) -> "Run":
         # the first save's free-space floor: fp32 weights + two Adam moments
         min_bytes=12 * plan.n_params, broadcast=broadcast_object_list,
         meta={"world_size": plan.world_size, "zero_stage": plan.zero_stage, "precision": plan.precision.label,
-              "global_batch_size": recipe.global_batch_size, "model": plan.model, "model_kwargs": plan.model_kwargs})
+              "global_batch_size": recipe.global_batch_size, "model": plan.model, "model_kwargs": plan.model_kwargs,
+              "data": plan.data})
     checkpoints.agree_on_resume(plan.resume_from)
 
     engine, optimizer, scheduler, state = build_engine(plan, accelerator, checkpoints)

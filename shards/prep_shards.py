@@ -4,6 +4,7 @@
     python shards/prep_shards.py --src /data/imagenet/train --out /data/imagenet-wds --split train
     python shards/prep_shards.py --src /data/imagenet/val   --out /data/imagenet-wds --split validation
     python shards/prep_shards.py --out /data/imagenet-wds --split train --verify
+    python shards/prep_shards.py --out s3://bucket/imagenet-wds --split train --verify   # also https, gs, hf
     python shards/prep_shards.py --out /data/imagenet-wds --split train --dali-index
 
 Re-running after an interruption keeps completed shards and rebuilds only the rest.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vitbench.prep import DEFAULT_SHARD_SIZE, PrepError, prepare, verify  # noqa: E402
+from vitbench.remote import LocationError, parse  # noqa: E402
 
 
 def positive(text: str) -> int:
@@ -33,7 +35,8 @@ def main(argv=None) -> int:
         stream.reconfigure(errors="backslashreplace")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, help="ImageFolder root: SRC/<wnid>/<image>")
-    p.add_argument("--out", type=Path, required=True, help="output directory for shards and _info.json")
+    p.add_argument("--out", required=True,
+                   help="output directory for shards and _info.json (--verify: also https://, s3://, gs://, hf://)")
     p.add_argument("--split", required=True, choices=["train", "validation"])
     p.add_argument("--name", default="imagenet1k", help="shard name prefix (default: %(default)s)")
     p.add_argument("--shard-size", type=positive, default=DEFAULT_SHARD_SIZE,
@@ -50,6 +53,14 @@ def main(argv=None) -> int:
                    help="write NVIDIA DALI's tar index (<shard>.idx, beside each shard) for the split's shards, so "
                         "--loader dali starts without scanning every tar; timm and our reader ignore them")
     args = p.parse_args(argv)
+    try:
+        where = parse(args.out, flag="--out")
+    except LocationError as e:
+        p.error(str(e))
+    if where.remote and not args.verify:
+        p.error(f"--out {args.out}: shards are written and indexed on a local disk; --verify checks them anywhere")
+    if not args.verify:
+        args.out = Path(args.out)
 
     if args.dali_index:
         from vitbench.dali_loader import write_index

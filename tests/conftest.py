@@ -46,14 +46,15 @@ def run_env(**extra) -> dict:
     return env
 
 
-def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True):
-    """`accelerate launch` train_vit.py on the CPU config (processes > 1) or plain python (1)."""
+def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True, env: dict | None = None):
+    """`accelerate launch` train_vit.py on the CPU config (processes > 1) or plain python (1); ENV: extra
+    environment variables."""
     if processes == 1:
         cmd = [str(BIN / "python"), str(REPO / "train_vit.py"), *args]
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
                "--num_processes", str(processes), str(REPO / "train_vit.py"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n"
                              f"{proc.stderr[-6000:]}")

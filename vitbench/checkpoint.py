@@ -189,6 +189,18 @@ def check_layout(meta: dict, *, world_size: int, zero_stage: int, global_batch: 
     return True
 
 
+def check_data(meta: dict | None, data: dict) -> None:
+    """A checkpoint resumes only on the data it was trained on: the same `_info.json` (its sha256), wherever it
+    is read from now (a local copy of shards that were on S3 is the same data)."""
+    made_on = (meta or {}).get("data")
+    if made_on and made_on.get("info_sha256") != data.get("info_sha256"):
+        def name(d):
+            return f"{d.get('source')}" + (f"@{d['revision']}" if d.get("revision") else "") + \
+                f" (_info.json sha256 {str(d.get('info_sha256'))[:12]})"
+        raise CheckpointError(f"the checkpoint was trained on {name(made_on)}, this launch reads {name(data)}: "
+                              "resume on the same data, or start a new run")
+
+
 def to_universal(path: Path, log=print) -> Path:
     """Convert the checkpoint at PATH once into DeepSpeed's universal format at PATH/universal (kept for
     later resumes; removed with the checkpoint). Run on the main process only."""

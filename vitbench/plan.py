@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vitbench import checkpoint, dsconfig, tracking
+from vitbench import checkpoint, dsconfig, remote, tracking
 from vitbench.checkpoint import CheckpointSpec
 from vitbench.errors import UserError
 from vitbench.evaluator import EvalSpec
@@ -106,6 +106,7 @@ class Plan:
     finished: str | None = None  # --resume of a run that already finished: what to say instead of training
     epoch_sampling: str = ""  # how the loader draws an epoch's samples (loaders.LoaderSpec.epoch_sampling)
     pass_coverage: float | None = None  # wds, permuted epochs: the share of the split a pass reads
+    data: dict = field(default_factory=dict)  # the data's identity: source, revision, sha256 of _info.json
     fix_hp: dict = field(default_factory=dict)  # recipe flags this launch changed (the table's fix_hp)
     warnings: tuple[str, ...] = ()
 
@@ -123,7 +124,7 @@ class Plan:
     def to_json(self) -> dict:
         return {**self.layout, "model": self.model, "model_kwargs": self.model_kwargs, "img_size": self.img_size,
                 "n_params": self.n_params, "precision": self.precision.to_json(), "loader": self.loader.to_json(),
-                "data": {"train_shards": len(self.train.urls), "train_samples": self.train.num_samples,
+                "data": {**self.data, "train_shards": len(self.train.urls), "train_samples": self.train.num_samples,
                          "validation_shards": len(self.val.urls), "validation_samples": self.val.num_samples,
                          "num_classes": self.train.num_classes},
                 "deepspeed_config": self.ds_config, "zero_stage": self.zero_stage, "grad_accum_steps": self.grad_accum,
@@ -168,7 +169,14 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     loader = LoaderSpec(args.loader, workers, args.batch_size, args.aug_repeats, args.aa or None,
                         args.img_size or 224)
     loader.check()
-    train, val = load_split(args.data_dir, "train"), load_split(args.data_dir, "validation")
+    location = remote.parse(args.data_dir)
+    remote.RetryPolicy.from_env(environ)
+    if location.remote and loader.kind == "dali":
+        raise PlanError(f"--loader dali reads local shards only (DALI opens files by path), not {args.data_dir}: "
+                        "use --loader wds, which streams https/s3/gs/hf, or copy the shards to a local disk")
+    location = remote.pin(location)  # hf://: the revision's commit now, the same for every rank and resume
+    train, val = load_split(location, "train"), load_split(location, "validation")
+    data = {"source": location.source, "revision": location.revision, "info_sha256": train.info_sha256}
     model_kwargs, n_params = _model(args, train.num_classes)
     warnings += loader.start_warnings(train, world)
     output_dir = Path(args.output_dir) if args.output_dir else \
@@ -179,6 +187,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         raise PlanError(f"{output_dir} holds a run already ({held}): --resume auto continues it; a new run needs a "
                         "new --output-dir (or --run-name)")
     marker = checkpoint.read_marker(resume_from) if resume_from is not None else {}
+    checkpoint.check_data(marker, data)
     ds_path = dsconfig.config_path(args.deepspeed_config, environ)
 
     def ds_build(stage):
@@ -217,7 +226,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, finished=finished,
         epoch_sampling=loader.epoch_sampling(train, world),
         pass_coverage=loader.pass_coverage(train, world, steps_per_epoch * grad_accum),
-        run_name=args.run_name, output_dir=output_dir, resume_from=resume_from, universal=universal,
+        run_name=args.run_name, output_dir=output_dir, resume_from=resume_from, universal=universal, data=data,
         fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from vitbench.errors import UserError
 from vitbench.files import writable_problem, write_json_atomic
-from vitbench.shardformat import INFO_FILE, split_member
+from vitbench.remote import open_file, parse
+from vitbench.shardformat import INFO_FILE, DataError, check_shard_name, split_member
 
 DEFAULT_SHARD_SIZE = 1252  # 1,281,167 / 1252 -> 1024 train shards, as timm/imagenet-1k-wds
 JPEG_QUALITY = 90
@@ -241,17 +242,27 @@ def completed_record(out: Path, shard_name: str, fingerprint: str) -> dict | Non
     return rec
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class _HashingReader:
+    """File wrapper computing sha256 while a shard is read, so verifying reads each shard once."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        self.sha.update(b)
+        return b
 
 
-def count_tar_samples(path: Path) -> int:
-    with tarfile.open(path) as tf:
-        return len({parts[0] for m in tf.getmembers() if m.isreg() and (parts := split_member(m.name))})
+def digest_and_count(path_or_url: str) -> tuple[str, int]:
+    """A shard's sha256 and its number of samples, in one streaming pass (local or remote)."""
+    with open_file(path_or_url) as f:
+        hashing = _HashingReader(f)
+        with tarfile.open(fileobj=hashing, mode="r|") as tf:
+            keys = {parts[0] for m in tf if m.isreg() and (parts := split_member(m.name))}
+        while hashing.read(1 << 20):  # the end-of-archive blocks and padding count in the digest too
+            pass
+    return hashing.sha.hexdigest(), len(keys)
 
 
 def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_size: int = DEFAULT_SHARD_SIZE,
@@ -348,26 +359,38 @@ def _prepare(src, out, split, name, shard_size, workers, seed, max_side, sources
     return entry
 
 
-def verify(out: Path, split: str) -> list[str]:
-    """Check every shard of a split against `_info.json`; returns a list of problems (empty: all good)."""
-    out = Path(out)
-    info_path = out / INFO_FILE
-    if not info_path.is_file():
-        return [f"{info_path}: missing"]
+def verify(out: str | Path, split: str) -> list[str]:
+    """Check every shard of a split against `_info.json` (sample count and sha256), locally or at a remote
+    location (vitbench.remote); returns a list of problems (empty: all good)."""
+    location = parse(str(out))
+    info_path = location.join(INFO_FILE)
     try:
-        entry = json.loads(info_path.read_text())["splits"][split]
+        with open_file(info_path) as f:
+            info = json.loads(f.read())
+        entry = info["splits"][split]
         rows = list(zip(entry["filenames"], entry["shard_lengths"], entry["sha256"], strict=True))
+    except FileNotFoundError:
+        return [f"{info_path}: missing"]
     except KeyError as e:
         return [f"{info_path}: no {e} entry for split '{split}' (incomplete file; re-run the prep to rewrite it)"]
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
         return [f"{info_path}: unreadable or malformed ({type(e).__name__}: {e}); re-run the prep to rewrite it"]
     problems = []
     for fname, length, digest in rows:
-        path = out / fname
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{path}: sha256 differs from the one recorded at write time")
-        elif count_tar_samples(path) != length:
-            problems.append(f"{path}: sample count differs from {length}")
+        try:
+            check_shard_name(fname, info_path)  # a name from the file never leaves its directory
+            sha, count = digest_and_count(location.join(fname))
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        except FileNotFoundError:
+            problems.append(f"{location.join(fname)}: missing")
+            continue
+        except (OSError, EOFError, tarfile.TarError) as e:
+            problems.append(f"{location.join(fname)}: unreadable ({type(e).__name__}: {e})")
+            continue
+        if sha != digest:
+            problems.append(f"{location.join(fname)}: sha256 differs from the one recorded at write time")
+        elif count != length:
+            problems.append(f"{location.join(fname)}: sample count differs from {length}")
     return problems

@@ -9,6 +9,7 @@ what a tar member name and a label mean. prep writes it, the WebDataset and DALI
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tarfile
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitbench.errors import UserError
+from vitbench.remote import Location, open_file, parse
 
 INFO_FILE = "_info.json"
 TAR_BLOCK = 512
@@ -75,6 +77,7 @@ class ShardSet:
     urls: list[str]
     lengths: list[int]
     num_classes: int
+    info_sha256: str = ""  # of the `_info.json` it came from: the data's identity for resume checks
 
     @property
     def num_samples(self) -> int:
@@ -117,29 +120,43 @@ def split_entry(info: dict, info_path, split: str) -> tuple[list[str], list[int]
     return names, lengths, num_classes
 
 
-def load_split(data_dir: str | Path, split: str) -> ShardSet:
-    """SPLIT of the shards in the local directory DATA_DIR, every listed shard there and a tar."""
-    data_dir = Path(data_dir)
-    info_path = data_dir / INFO_FILE
-    if not info_path.is_file():
-        raise DataError(f"{info_path}: not found; make shards with `python shards/prep_shards.py` "
-                        "or point --data-dir at a directory holding _info.json and its tar shards")
-    names, lengths, num_classes = split_entry(parse_info(info_path.read_bytes(), info_path), info_path, split)
-    urls = [str(data_dir / f) for f in names]
-    missing = [u for u in urls if not Path(u).is_file()]  # is_file follows a user's symlink to another disk
-    if missing:
-        raise DataError(f"{info_path}: split '{split}' lists shards that are not there: {', '.join(missing[:3])}")
-    broken = [(u, why) for u in urls if (why := _local_header_problem(u))]
+def read_info(location: Location) -> bytes:
+    """The bytes of LOCATION's `_info.json` (one request when remote)."""
+    info_path = location.join(INFO_FILE)
+    try:
+        with open_file(info_path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{info_path}: not found; make shards with `python shards/prep_shards.py` or point "
+                        "--data-dir at a directory holding _info.json and its tar shards") from None
+    except OSError as e:
+        raise DataError(f"{info_path}: unreadable ({e.strerror or e})") from None
+
+
+def load_split(data_dir: str | Path | Location, split: str) -> ShardSet:
+    """SPLIT of the shards at DATA_DIR (a local directory or a remote location, vitbench.remote). Locally every
+    listed shard must be there and a tar; remotely only the first one's header is read (one request, not one
+    per shard from every rank), and a shard that cannot be read later counts as lost samples."""
+    location = data_dir if isinstance(data_dir, Location) else parse(str(data_dir))
+    info_path, raw = location.join(INFO_FILE), read_info(location)
+    names, lengths, num_classes = split_entry(parse_info(raw, info_path), info_path, split)
+    urls = [location.join(f) for f in names]
+    if not location.remote:
+        missing = [u for u in urls if not Path(u).is_file()]  # is_file follows a user's symlink to another disk
+        if missing:
+            raise DataError(f"{info_path}: split '{split}' lists shards that are not there: "
+                            f"{', '.join(missing[:3])}")
+    broken = [(u, why) for u in (urls[:1] if location.remote else urls) if (why := _header_problem(u))]
     if broken:
         raise DataError(f"{info_path}: split '{split}' has {len(broken)} unreadable shard(s): "
                         + "; ".join(f"{u}: {why}" for u, why in broken[:3])
                         + "; re-make them with shards/prep_shards.py (--verify lists every problem)")
-    return ShardSet(split, urls, lengths, num_classes)
+    return ShardSet(split, urls, lengths, num_classes, hashlib.sha256(raw).hexdigest())
 
 
-def _local_header_problem(path: str) -> str | None:
+def _header_problem(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             return tar_header_problem(f.read(TAR_BLOCK))
     except OSError as e:
         return f"unreadable ({e.strerror or e})"

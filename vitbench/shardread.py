@@ -2,8 +2,9 @@
 {"__key__", "__url__", ext: bytes}, decoded and augmented pairs, batches that carry the count of samples
 dropped on the way ("skipped"), so the count survives DataLoader worker processes.
 
-A shard is opened as a plain file with `open()`: no string from a data file ever reaches webdataset's URL
-opener, whose `pipe:` URLs run shell commands.
+A shard is opened by vitbench.remote.open_file (a local file, or one streaming request with bounded, resumable
+retries): no string from a data file ever reaches webdataset's URL opener, whose `pipe:` URLs run shell
+commands, nor any subprocess.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import default_collate
 
 from vitbench.lifecycle import ignore_stop_signals
+from vitbench.remote import open_file
 from vitbench.shardformat import DataError, parse_label, split_member
 
 # Consecutive samples that are all dropped (bad label, undecodable image) before the run stops: far more than
@@ -39,14 +41,15 @@ class SkipLog:
 
 
 def tar_samples(path: str, log: SkipLog, count_read_errors: bool = True):
-    """Samples ({"__key__", "__url__", ext: bytes}) of one local tar shard, opened as a plain file.
+    """Samples ({"__key__", "__url__", ext: bytes}) of one tar shard, local or remote, read as one stream.
 
     Only regular members named `<key>.<ext>` count; a member with a directory part, `..`, an absolute name,
     a link or a device file is skipped and counted once per foreign name. A truncated or corrupt tar ends
-    the shard with one warning (counted unless the caller counts lost samples itself)."""
+    the shard with one warning (counted unless the caller counts lost samples itself); so does a remote read
+    that failed after its retries."""
     sample, last_foreign = None, None
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open_file(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 parts = split_member(member.name)
                 if not (parts and member.isreg()):

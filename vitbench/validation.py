@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
@@ -36,7 +37,8 @@ class ValidationStream(IterableDataset):
     def _samples(self, lo: int, hi: int, log: SkipLog):
         """Samples at positions [lo, hi) of the split; positions come from `shard_lengths`, so a shard that
         is short (truncated) or long never shifts another shard's samples, and every position of the
-        range that could not be read is counted as skipped."""
+        range that could not be read is counted as skipped. A shard found longer than recorded is reported as
+        soon as its extra sample is seen (its extra samples are no part of the split: never evaluated)."""
         start = 0
         for url, length in zip(self.shards.urls, self.shards.lengths):
             end = start + length
@@ -44,14 +46,18 @@ class ValidationStream(IterableDataset):
                 pos, stop = start, min(end, hi)
                 for sample in tar_samples(url, log, count_read_errors=False):
                     if pos >= stop:
+                        if stop == end:
+                            warnings.warn(f"{url} holds more samples than the {length} that _info.json records; "
+                                          "the extra ones are not evaluated (re-make _info.json with "
+                                          "shards/prep_shards.py)", stacklevel=2)
                         break
                     if pos >= lo:
                         yield sample
                     pos += 1
                 lost = stop - max(pos, lo)
                 if lost > 0:
-                    log.drop(f"{lost} sample(s) of {url}", f"the shard holds fewer samples than the "
-                             f"{length} that _info.json records", count=lost)
+                    log.drop(f"{lost} sample(s) of {url}", f"the shard ended (unreadable, or shorter than the "
+                             f"{length} samples that _info.json records)", count=lost)
             start = end
             if start >= hi:
                 break

@@ -7,6 +7,7 @@ split (PERMUTED: every image of a pass about once); with fewer, every consumer r
 
 from __future__ import annotations
 
+import warnings
 from itertools import islice
 from pathlib import Path
 
@@ -23,14 +24,18 @@ MAX_CONSECUTIVE_BAD_SHARDS = 20
 
 def _train_shard_samples(shards, log: SkipLog):
     """Samples of the train shard stream; a run of shards that all yield nothing is an error, not an
-    endless retry."""
+    endless retry. A shard that ends before the samples `_info.json` promised is reported when it ends."""
     failed = []
     for shard in shards:
-        got = False
+        got = 0
         # a pass's first and last shard may be read in part: samples before "first" are read past, not decoded
-        for sample in islice(tar_samples(shard["url"], log), shard.get("first", 0), shard.get("end")):
-            got = True
+        first, end = shard.get("first", 0), shard.get("end")
+        for sample in islice(tar_samples(shard["url"], log), first, end):
+            got += 1
             yield sample
+        if end is not None and 0 < got < end - first:
+            warnings.warn(f"{shard['url']} ended after {first + got} samples; _info.json records at least {end} "
+                          "(re-make _info.json with shards/prep_shards.py)", stacklevel=2)
         if got:
             failed.clear()
             continue

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""The train loader reading the same shards from a local copy, from an HTTP server and from an S3 server (moto),
+both on loopback, side by side: the same demo draw, training transform (RandomResizedCrop + flip + RandAugment
+m9), batch size and workers. Rounds alternate the three so machine noise hits all alike; medians and the
+remote/local ratios are reported (goal: >= 0.95 with 2 workers). The servers are the ones the tests use
+(tests/servers.py); loopback measures what our reading costs, not a network.
+
+    python bench/remote_loader.py [--workers 2] [--images 1536] [--rounds 3] [--per-class 200]
+
+The last line is JSON with the figures and ratios.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
+
+import torch  # noqa: E402
+from loader import rate  # noqa: E402
+from servers import FileServer, S3Server  # noqa: E402
+
+from vitbench import demo, shardformat, transforms, wds_loader  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=int, default=1536, help="images timed per loader and round")
+    p.add_argument("--per-class", type=int, default=200, help="demo train images per class (10 classes)")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+
+    shards_dir = demo.build(HERE / "out" / f"demo-{args.per_class}", train_per_class=args.per_class,
+                            val_per_class=1, progress=False)
+    http = FileServer(shards_dir)
+    s3 = S3Server(shards_dir)
+    os.environ.update(s3.env)
+    skip = 2 * args.workers + 4
+    steps = args.images // args.batch_size + skip + 2
+    tf = transforms.train_transform(args.img_size, "rand-m9-mstd0.5")
+
+    def measure(where):
+        train = shardformat.load_split(where, "train")
+        return rate(wds_loader.train_loader(train, tf, args.batch_size, steps, rank=0, world_size=1,
+                                            workers=args.workers, seed=0, epoch=0), args.images, skip)
+
+    sources = {"local": str(shards_dir), "http": http.url, "s3": s3.url}
+    figures = {k: [] for k in sources}
+    try:
+        for _ in range(args.rounds):
+            for name, where in sources.items():
+                figures[name].append(measure(where))
+    finally:
+        http.close()
+        s3.close()
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    for k, v in figures.items():
+        print(f"{k:6s} median {med[k]:7.1f} img/s   x local {med[k] / med['local']:.3f}   "
+              f"rounds: {', '.join(f'{x:.1f}' for x in v)}")
+    print(json.dumps({"bench": "remote_loader", "img_size": args.img_size, "workers": args.workers,
+                      "batch_size": args.batch_size, "images_per_round": args.images, "rounds": args.rounds,
+                      **{f"{k}_img_s": round(v, 1) for k, v in med.items()},
+                      "ratio_http_vs_local": round(med["http"] / med["local"], 3),
+                      "ratio_s3_vs_local": round(med["s3"] / med["local"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
