@@ -90,6 +90,29 @@ def test_a_checkpoint_that_does_not_load_is_one_line_naming_it(tmp_path):
         other.load(path, universal=False)
 
 
+def test_a_full_disk_never_leaves_a_half_written_checkpoint(tmp_path, small_fs, capsys):
+    """A real full filesystem (tmpfs): with room for one checkpoint but not two, the second save is refused
+    before it writes, the first kept intact, and the first save warned of it; with less room than one, the
+    write fails midway and nothing of it stays."""
+    model = torch.nn.Linear(256, 256)  # a 257 KiB checkpoint
+    size = 4 * 257 * 256 + 4096
+    root = small_fs(int(size * 1.6)) / "checkpoints"
+    m = manager(root, model, keep=2)
+    m.save(2, epoch=0)
+    assert "the next save will not fit" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=f"not enough space under {root} for checkpoint step 4: .*; the "
+                                              "previous checkpoint step 2 is intact"):
+        m.save(4, epoch=0)
+    assert [s for s, _ in checkpoint.complete_checkpoints(root)] == [2]
+    assert checkpoint.damage(root / "step_00000002") is None and not list(root.glob("*.tmp"))
+
+    tight = small_fs(size // 2) / "checkpoints"  # above the floor the first save checks (0 here), below its size
+    with pytest.raises(CheckpointError, match=f"no space left on device writing checkpoint step 1 under {tight}; "
+                                              "no checkpoint was written yet"):
+        manager(tight, model).save(1, epoch=0)
+    assert list(tight.iterdir()) == []
+
+
 def evaluator(val, spec=EvalSpec(2, 7, 50.0), workers=2, lockstep=False, total=20):
     stream = ValidationStream(val, eval_transform(32), spec.batch_size, rank=0, world_size=1, workers=workers)
     return Evaluator(spec, stream, OnDevice(torch.device("cpu"), torch.float32), device="cpu", total_steps=total,

@@ -69,7 +69,9 @@ def test_one_rank_applies_what_a_plain_step_applies(one_rank_group, label, stage
 
 @pytest.mark.slow
 def test_two_ranks_apply_what_a_plain_step_applies():
-    cases = [c for c in CASES if supported(c[0])]
+    # accumulation 2 only: micro-batches summed and reduced across ranks in one step (every stage's reduction
+    # runs at the boundary either way); accumulation 1 is in the one-rank matrix
+    cases = [c for c in CASES if supported(c[0]) and c[2] == 2]
     proc = subprocess.run([str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu_1x2.yaml",
                            "tests/step_numerics.py", *(f"{label}:{stage}:{accum}" for label, stage, accum in cases)],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
