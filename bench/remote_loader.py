@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,28 +48,36 @@ def main():
     tf = transforms.train_transform(args.img_size, "rand-m9-mstd0.5")
 
     def measure(where):
+        """img/s, and the CPU seconds this process spent meanwhile: the servers' threads (and the batch hand-over,
+        the same for all three), on the cores the loader workers need too."""
         train = shardformat.load_split(where, "train")
-        return rate(wds_loader.train_loader(train, tf, args.batch_size, steps, rank=0, world_size=1,
-                                            workers=args.workers, seed=0, epoch=0), args.images, skip)
+        cpu = time.process_time()
+        img_s = rate(wds_loader.train_loader(train, tf, args.batch_size, steps, rank=0, world_size=1,
+                                             workers=args.workers, seed=0, epoch=0), args.images, skip)
+        return img_s, time.process_time() - cpu
 
     sources = {"local": str(shards_dir), "http": http.url, "s3": s3.url}
-    figures = {k: [] for k in sources}
+    figures, server_cpu = {k: [] for k in sources}, {k: [] for k in sources}
     try:
         for _ in range(args.rounds):
             for name, where in sources.items():
-                figures[name].append(measure(where))
+                img_s, cpu_s = measure(where)
+                figures[name].append(img_s)
+                server_cpu[name].append(cpu_s)
     finally:
         http.close()
         s3.close()
     med = {k: statistics.median(v) for k, v in figures.items()}
     for k, v in figures.items():
         print(f"{k:6s} median {med[k]:7.1f} img/s   x local {med[k] / med['local']:.3f}   "
-              f"rounds: {', '.join(f'{x:.1f}' for x in v)}")
+              f"rounds: {', '.join(f'{x:.1f}' for x in v)}   main-process CPU s/round (servers): "
+              f"{statistics.median(server_cpu[k]):.2f}")
     print(json.dumps({"bench": "remote_loader", "img_size": args.img_size, "workers": args.workers,
                       "batch_size": args.batch_size, "images_per_round": args.images, "rounds": args.rounds,
                       **{f"{k}_img_s": round(v, 1) for k, v in med.items()},
                       "ratio_http_vs_local": round(med["http"] / med["local"], 3),
-                      "ratio_s3_vs_local": round(med["s3"] / med["local"], 3)}))
+                      "ratio_s3_vs_local": round(med["s3"] / med["local"], 3),
+                      **{f"main_process_cpu_s_{k}": round(statistics.median(v), 2) for k, v in server_cpu.items()}}))
 
 
 if __name__ == "__main__":
