@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vitbench.prep import DEFAULT_SHARD_SIZE, PrepError, prepare, verify  # noqa: E402
 from vitbench.remote import LocationError, parse  # noqa: E402
+from vitbench.shardformat import DataError, load_split  # noqa: E402
 
 
 def positive(text: str) -> int:
@@ -63,8 +64,7 @@ def main(argv=None) -> int:
         args.out = Path(args.out)
 
     if args.dali_index:
-        from vitbench.dali_loader import write_index
-        from vitbench.shardformat import DataError, load_split
+        from vitbench.dali_loader import write_index  # imports torch: only for this option
 
         try:
             shards = load_split(args.out, args.split)

@@ -26,7 +26,8 @@ class _Threaded(socketserver.ThreadingMixIn, http.server.HTTPServer):
 class FileServer:
     """Serves ROOT's files at http://127.0.0.1:PORT/PREFIX/<name>. FAULTS: a list the server pops one entry from
     per request of a path matching `fault_on` (a regex): "503" (with Retry-After: 0), "cut" (half the body,
-    then the connection closes), "stall" (headers, then silence for `stall_s`), None (served normally).
+    then the connection closes), "stall" (a third of the body, then silence for `stall_s`), "trickle" (the body
+    in eight pieces, `stall_s` / 3 apart), None (served normally).
     REDIRECT_TO: another server's base URL every file request is sent to with a 302. HUB_SHA: answer the Hub
     API's dataset_info for any repo with this commit."""
 
@@ -113,6 +114,12 @@ class FileServer:
             h.wfile.flush()
             h.close_connection = True
             h.connection.shutdown(2)
+            return
+        if fault == "trickle":  # slow but moving: a piece every stall_s / 3
+            for i in range(8):
+                h.wfile.write(body[i * len(body) // 8:(i + 1) * len(body) // 8])
+                h.wfile.flush()
+                time.sleep(self.stall_s / 3)
             return
         if fault == "stall":
             h.wfile.write(body[:len(body) // 3])

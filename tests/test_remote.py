@@ -96,6 +96,17 @@ def test_a_read_survives_503s_cut_bodies_and_a_stall_byte_identical(http, demo_s
         assert all(status == 200 for _, status in tries[2:])
 
 
+def test_a_slow_stream_that_moves_is_never_cut(http, demo_shards):
+    """The stall limit ends a read that gets no byte for stall_s, not one that takes longer than stall_s."""
+    server = http(stall_s=FAST.stall_s)
+    server.faults = ["trickle"]  # 8 pieces, stall_s / 3 apart: about 2.7 x stall_s in all
+    name = sorted(p.name for p in demo_shards.glob("*.tar"))[0]
+    t = time.monotonic()
+    with open_file(f"{server.url}/{name}", FAST) as f:
+        assert f.read() == (demo_shards / name).read_bytes()
+    assert time.monotonic() - t > 2 * FAST.stall_s and len(server.requests) == 1  # one request, never retried
+
+
 def test_a_server_that_never_recovers_costs_bounded_time_and_counts_as_lost_samples(http, demo_shards):
     server = http()
     server.faults = ["503"] * 1000

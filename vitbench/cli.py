@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from vitbench.plan import Plan, make_plan
 from vitbench.runinfo import MachineFacts, single_process_env
 
 REPO = Path(__file__).resolve().parent.parent
+# A Plan error is printed by each node's first rank; the others wait this long before exiting.
+LEADER_GRACE_S = 3.0
 DEFAULT_DATA_DIR = os.environ.get("VITBENCH_DATA_DIR", "/data/imagenet-wds")
 TRAIN_VIT_DOC = """Train a Vision Transformer on ImageNet WebDataset shards with accelerate + DeepSpeed.
 
@@ -261,6 +264,8 @@ def run(main, argv=None) -> None:
     except UserError as e:
         if not getattr(e, "same_on_every_local_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {one_line(e)}", file=sys.stderr)  # a Plan error: once per node
+        else:  # the node's first rank says it; exiting first would have the launcher kill it before it can
+            time.sleep(LEADER_GRACE_S)
         code = EXIT_USER_ERROR
     except SystemExit as e:  # 75: interrupted with a checkpoint
         code = e.code if isinstance(e.code, int) else 1
