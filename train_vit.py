@@ -62,10 +62,10 @@ def main(argv=None) -> dict:
             print(plan.finished)
         return {}
     run = setup(plan)  # data -> model -> accelerate/DeepSpeed engine -> profiler/tracking
-    state, prof, every = run.state, run.prof, plan.measurement
+    state, prof, measure = run.state, run.prof, plan.measurement
     prof.train_start()
     with closing(run):  # on any exit: loader workers stopped, W&B closed
-        with TraceWindow(every.profile_steps, state.step, run.out_dir, run.rank, prof.pause) as trace:
+        with TraceWindow(measure.profile_steps, state.step, run.out_dir, run.rank, prof.pause) as trace:
             while not run.over():
                 for micro_batches in run.epoch_batches():  # a step's batches: on the device, normalized, mixed
                     prof.compute_start()
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
                     prof.step_end()
                     run.step_done(logits, nonfinite)  # counters, LR schedule, precision and divergence checks
                     trace.step(state.step)
-                    if state.step % every.log_interval == 0 or state.step == plan.total_steps:
+                    if state.step % measure.log_interval == 0 or state.step == plan.total_steps:
                         run.log_row()
                     if run.stop.agreed():  # SIGTERM/SIGUSR1/SIGINT on any rank: checkpoint below, exit 75
                         run.interrupted = True
