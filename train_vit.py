@@ -56,7 +56,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecat
 # main: the whole story on one screen
 # ================================================================================================
 def main(argv=None) -> dict:
-    plan = cli.plan(argv)  # flags -> every decision and check, before any heavy work
+    plan = cli.plan(argv, __doc__)  # flags -> every decision and check, before any heavy work
     if plan.finished:  # --resume of a finished run: say so (once per node), change nothing
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(plan.finished)

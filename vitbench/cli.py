@@ -25,14 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 # A Plan error is printed by each node's first rank; the others wait this long before exiting.
 LEADER_GRACE_S = 3.0
 DEFAULT_DATA_DIR = os.environ.get("VITBENCH_DATA_DIR", "/data/imagenet-wds")
-TRAIN_VIT_DOC = """Train a Vision Transformer on ImageNet WebDataset shards with accelerate + DeepSpeed.
-
-With no arguments this is FlagPerf's ViT-B/16 case (torchvision's recipe), e.g.
-    accelerate launch --config_file accelerate_configs/1x8.yaml train_vit.py
-and on a CPU, in minutes, on the embedded demo photos:
-    python train_vit.py --demo
-    accelerate launch --config_file accelerate_configs/cpu_1x2.yaml train_vit.py --demo
-"""
 
 # FlagPerf's recipe flags: any that a run changes is listed in its `fix_hp` column.
 RECIPE_FLAGS = ["model", "img_size", "batch_size", "global_batch_size", "lr", "lr_base", "weight_decay", "epochs",
@@ -139,8 +131,8 @@ def key_value(text: str) -> tuple[str, object]:
 POS, NONNEG, POS_FLOAT, NONNEG_FLOAT = at_least(1), at_least(0), at_least(1e-12, float), at_least(0.0, float)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train_vit.py", description=TRAIN_VIT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    p = _Parser(prog="train_vit.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="shards + _info.json (default: $VITBENCH_DATA_DIR or %(default)s)")
@@ -226,8 +218,9 @@ def _add_output_flags(g) -> None:
     g.add_argument("--wandb-group", default=None, help="default: the run name")
 
 
-def parse_args(argv=None) -> Flags:
-    parser = build_parser()
+def parse_args(argv=None, description: str | None = None) -> Flags:
+    """DESCRIPTION: --help's text (train_vit.py's docstring)."""
+    parser = build_parser(description)
     args = parser.parse_args(argv, namespace=Flags())
     if args.demo:  # the demo's values become the defaults: what the user typed still wins
         parser.set_defaults(**DEMO, data_dir=str(demo.DEFAULT_DIR))
@@ -238,11 +231,11 @@ def parse_args(argv=None) -> Flags:
     return args
 
 
-def plan(argv=None) -> Plan:
+def plan(argv=None, description: str | None = None) -> Plan:
     """The Plan of this launch: flags parsed, the demo's shards built (--demo), every decision made and checked.
     Its errors are the same on every rank of a node (they read the same flags, data and checkpoints), so
     `run` prints them once per node."""
-    flags = parse_args(argv)
+    flags = parse_args(argv, description)
     single_process_env()  # plain `python train_vit.py` is a one-process launch of the same path
     if flags.demo:
         demo.build_shared()

@@ -22,7 +22,7 @@ from vitbench.loaders import LoaderSpec
 from vitbench.precision import SPECS, PrecisionSpec
 from vitbench.profiler import peak_tflops
 from vitbench.runinfo import MachineFacts, layout
-from vitbench.shardformat import ShardSet, load_split
+from vitbench.shardformat import ShardSet, load_split, read_info
 from vitbench.tracking import TrackingSpec
 
 MAX_DEFAULT_WORKERS = 16  # JPEG decoding needs many cores per GPU (FlagPerf uses 16)
@@ -170,12 +170,13 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
                         args.img_size or 224)
     loader.check()
     location = remote.parse(args.data_dir)
-    remote.RetryPolicy.from_env(environ)
+    remote.RetryPolicy.from_env(environ)  # a bad VITBENCH_READ_* is refused now, not at the first shard
     if location.remote and loader.kind == "dali":
         raise PlanError(f"--loader dali reads local shards only (DALI opens files by path), not {args.data_dir}: "
                         "use --loader wds, which streams https/s3/gs/hf, or copy the shards to a local disk")
     location = remote.pin(location)  # hf://: the revision's commit now, the same for every rank and resume
-    train, val = load_split(location, "train"), load_split(location, "validation")
+    info = read_info(location)  # once: every rank reads it, a remote one is a request
+    train, val = load_split(location, "train", info), load_split(location, "validation", info)
     data = {"source": location.source, "revision": location.revision, "info_sha256": train.info_sha256}
     model_kwargs, n_params = _model(args, train.num_classes)
     warnings += loader.start_warnings(train, world)

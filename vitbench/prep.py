@@ -27,7 +27,7 @@ from pathlib import Path
 from vitbench.errors import UserError
 from vitbench.files import writable_problem, write_json_atomic
 from vitbench.remote import open_file, parse
-from vitbench.shardformat import INFO_FILE, DataError, check_shard_name, split_member
+from vitbench.shardformat import INFO_FILE, DataError, check_shard_name, parse_info, split_member
 
 DEFAULT_SHARD_SIZE = 1252  # 1,281,167 / 1252 -> 1024 train shards, as timm/imagenet-1k-wds
 JPEG_QUALITY = 90
@@ -53,13 +53,9 @@ def read_info(info_path: Path, name: str) -> dict:
     if not info_path.is_file():
         return {"name": name, "splits": {}}
     try:
-        info = json.loads(info_path.read_text())
-        if isinstance(info, dict) and isinstance(info.setdefault("splits", {}), dict):
-            return info
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PrepError(f"{info_path}: not valid JSON ({e}); fix or remove it, or use a new --out") from None
-    raise PrepError(f"{info_path}: not an _info.json object with a 'splits' mapping; fix or remove it, or use a "
-                    "new --out")
+        return parse_info(info_path.read_bytes(), info_path)
+    except DataError as e:
+        raise PrepError(f"{e}; fix or remove it, or use a new --out") from None
 
 
 def read_class_index(path: Path) -> dict[str, int]:

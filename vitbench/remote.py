@@ -76,29 +76,30 @@ def parse(text: str, flag: str = "--data-dir") -> Location:
     """FLAG's TEXT as a Location, checked without any request: anything but the forms above is refused."""
     if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", text):  # no scheme: a local path
         return Location("file", str(Path(text).expanduser()), text)
+    # Messages name the scheme, host and path only: what follows `pipe:`, credentials and a query (a signature)
+    # are never echoed.
     u = urlsplit(text)
     scheme, forms = u.scheme.lower(), "a local directory, https://, s3://, gs:// or hf://datasets/ORG/REPO"
     if scheme not in ("https", "http", "s3", "gs", "hf"):
-        raise LocationError(f"{flag} {text!r}: '{scheme}:' is not a place shards are read from ({forms}); "
+        raise LocationError(f"{flag}: '{scheme}:' is not a place shards are read from ({forms}); "
                             "nothing is ever run through a shell")
+    path = u.path.rstrip("/")
+    shown = f"{scheme}://{u.hostname or ''}{f':{u.port}' if u.port else ''}{path}"
     if u.username or u.password or "@" in u.netloc:
-        raise LocationError(f"{flag} {scheme}://...: credentials do not belong in the URL (it is recorded in "
+        raise LocationError(f"{flag} {shown}: credentials do not belong in the URL (it is recorded in "
                             "results.json); use HF_TOKEN, the AWS environment or Google's default credentials")
     if u.query or u.fragment or "?" in text or "#" in text:
-        raise LocationError(f"{flag} {text!r}: a query string or fragment is not part of a shard directory")
+        raise LocationError(f"{flag} {shown}: a query string or fragment is not part of a shard directory")
     if not u.netloc:
         raise LocationError(f"{flag} {text!r}: no host or bucket ({forms})")
-    path = u.path.rstrip("/")
     if scheme == "http" and not _loopback(u.hostname):
-        raise LocationError(f"{flag} {text!r}: plain http:// is only for a server on this machine (tests); "
+        raise LocationError(f"{flag} {shown}: plain http:// is only for a server on this machine (tests); "
                             "use https://")
-    if scheme in ("https", "http"):
-        return Location(scheme, f"{scheme}://{u.netloc}{path}", text)
-    if scheme in ("s3", "gs"):
+    if scheme != "hf":
         return Location(scheme, f"{scheme}://{u.netloc}{path}", text)
     m = _HF_REPO.match(f"{u.netloc}{path}")
     if not m:
-        raise LocationError(f"{flag} {text!r}: the Hub form is hf://datasets/ORG/REPO[@revision][/subdir]")
+        raise LocationError(f"{flag} {shown}: the Hub form is hf://datasets/ORG/REPO[@revision][/subdir]")
     repo, revision, subdir = m.group(1), m.group(2) or "main", (m.group(3) or "").strip("/")
     return Location("hf", _hf_base(repo, revision, subdir), text, revision=revision)
 
@@ -218,7 +219,7 @@ class ResumableReader(io.RawIOBase):
         self.failures += 1
         if self.failures >= self.policy.attempts:
             raise RemoteReadError(f"{_redacted(self.url)}: unreadable after {self.failures} attempts at byte "
-                                  f"{self.pos} (last: {type(e).__name__}: {str(e)[:200]})") from None
+                                  f"{self.pos} (last: {type(e).__name__}: {_redacted(str(e))[:200]})") from None
         time.sleep(self.policy.wait(self.failures, getattr(e, "retry_after", None)))
 
     def _close_body(self) -> None:
@@ -234,8 +235,10 @@ class ResumableReader(io.RawIOBase):
         super().close()
 
 
-def _redacted(url: str) -> str:
-    return url.split("?", 1)[0]  # a pre-signed redirect target's query holds a signature
+def _redacted(text: str) -> str:
+    """TEXT (a URL, or an error naming one) without query strings: a pre-signed redirect target's holds a
+    signature."""
+    return re.sub(r"\?[^\s'\")]*", "?...", text)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -334,12 +337,13 @@ class _Http:
         else:
             raise RemoteReadError(f"{_redacted(url)}: more than {MAX_REDIRECTS} redirects")
         status = resp.status_code
+        if status not in (200, 206):
+            resp.close()
         if status in (401, 403):
             raise PermissionError(f"{_redacted(url)}: HTTP {status} (a token or credentials that grant access?)")
         if status in (404, 410):
             raise FileNotFoundError(f"{_redacted(url)}: HTTP {status}")
         if status == 408 or status == 429 or status >= 500:
-            resp.close()
             raise _Retryable(f"HTTP {status}", _retry_after(resp.headers.get("Retry-After")))
         if status not in (200, 206):
             raise RemoteReadError(f"{_redacted(url)}: unexpected HTTP {status}")

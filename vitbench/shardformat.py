@@ -133,12 +133,13 @@ def read_info(location: Location) -> bytes:
         raise DataError(f"{info_path}: unreadable ({e.strerror or e})") from None
 
 
-def load_split(data_dir: str | Path | Location, split: str) -> ShardSet:
-    """SPLIT of the shards at DATA_DIR (a local directory or a remote location, vitbench.remote). Locally every
-    listed shard must be there and a tar; remotely only the first one's header is read (one request, not one
-    per shard from every rank), and a shard that cannot be read later counts as lost samples."""
+def load_split(data_dir: str | Path | Location, split: str, info: bytes | None = None) -> ShardSet:
+    """SPLIT of the shards at DATA_DIR (a local directory or a remote location, vitbench.remote); INFO: its
+    `_info.json` when already read. Locally every listed shard must be there and a tar; remotely only the first
+    one's header is read (one request, not one per shard from every rank), and a shard that cannot be read
+    later counts as lost samples."""
     location = data_dir if isinstance(data_dir, Location) else parse(str(data_dir))
-    info_path, raw = location.join(INFO_FILE), read_info(location)
+    info_path, raw = location.join(INFO_FILE), info if info is not None else read_info(location)
     names, lengths, num_classes = split_entry(parse_info(raw, info_path), info_path, split)
     urls = [location.join(f) for f in names]
     if not location.remote:
