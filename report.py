@@ -37,16 +37,28 @@ def main(argv=None) -> int:
 
 def publish(args) -> None:
     if args.runs:
-        results = reporting.load_results(args.runs)
-        sys.stdout.write(reporting.markdown_table(results, args.lang))
+        problems = []  # a failed or unfinished run among many is a footnote, not the end of the report
+        results = reporting.load_results(args.runs, problems)
+        if not results:
+            raise reporting.ResultsError(problems[0] if len(problems) == 1 else
+                                         f"none of the {len(problems)} runs has a readable results.json: {problems[0]}")
+        sys.stdout.write(reporting.markdown_table(results, args.lang, problems))
         if args.plots:
             for path in reporting.plots(results, args.plots):
                 print(f"wrote {path}")
         if args.out:
-            run_dirs = [Path(r) if Path(r).is_dir() else Path(r).parent for r in args.runs]
+            run_dirs = [Path(r) if Path(r).is_dir() else Path(r).parent for r in args.runs
+                        if not any(problem.startswith(str(Path(r))) for problem in problems)]
             print(f"wrote {study.write_report(results, run_dirs, args.out)}")
     if args.wandb_workspace:
-        workspace = reporting.build_workspace(args.wandb_workspace).save()
+        workspace = reporting.build_workspace(args.wandb_workspace)
+        try:
+            workspace = workspace.save()
+        except Exception as e:  # no login, no network, a refused entity: W&B's own exception types vary
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise reporting.ResultsError(f"--wandb-workspace {args.wandb_workspace}: W&B did not save it "
+                                         f"({type(e).__name__}: {first}); `wandb login` first, or check the "
+                                         "entity and project") from None
         print(f"saved W&B workspace: {workspace.url}")
 
 

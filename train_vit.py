@@ -12,9 +12,15 @@ vitbench/plan.py) -> data, model, accelerate/DeepSpeed -> loop -> results. After
 nothing but the Plan.
 """
 
+import sys
+
+from vitbench import cli
+
+if __name__ == "__main__":  # a bad flag, or --help, answers in seconds: before the heavy imports below
+    cli.parse_args(sys.argv[1:], __doc__)
+
 import hashlib
 import os
-import sys
 import time
 import warnings
 from contextlib import closing
@@ -31,7 +37,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 
-from vitbench import cli, lifecycle, loaders, precision, results
+from vitbench import lifecycle, loaders, precision, results
 from vitbench import metrics as M
 from vitbench.checkpoint import CheckpointManager
 from vitbench.evaluator import Evaluator
@@ -334,8 +340,8 @@ class Run:
 
     def save_checkpoint(self) -> None:
         self.check_finite()
-        self.checkpoints.save(self.state.step, self.state.epoch)
-        self.tracker.log_event("checkpoint", self.state.step)
+        cost = self.checkpoints.save(self.state.step, self.state.epoch)
+        self.tracker.log_event("checkpoint", self.state.step, {"seconds": cost["seconds"], "bytes": cost["bytes"]})
 
     def evaluate(self) -> None:
         self.check_finite()  # a model whose loss went non-finite is not evaluated
@@ -363,7 +369,7 @@ def finish(run: Run) -> dict:
     out = results.build(
         plan=plan, run_name=run.run_name, global_step=state.step, resumed_from_step=run.resumed_from_step,
         epochs_done=state.epoch, interrupted=run.interrupted, evals=run.evaluator.evals,
-        reached_target=run.evaluator.reached_target,
+        reached_target=run.evaluator.reached_target, checkpoint_saves=run.checkpoints.saves,
         train_skipped=int(accelerator.reduce(torch.tensor(run.train_skipped, device=device), reduction="sum").item()),
         e2e_time=reduce_max([time.time() - psutil.Process().create_time()], device)[0], timing=run.prof.summary(),
         precision_in_effect=precision.in_effect(run.engine, run.logits_dtype),

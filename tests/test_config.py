@@ -82,6 +82,33 @@ def test_contradicting_config_is_refused_naming_file_and_key(tmp_path, cfg, mess
     assert str(tmp_path / "ds.json") in str(e.value)
 
 
+@pytest.mark.parametrize("cfg, message", [
+    ({"zero_optimization": {"stage": 1, "overlap_com": True}}, "zero_optimization.overlap_com: unknown key"),
+    ({"zero_optimization": {"stage": 1}, "gradient_acumulation_steps": 2},
+     "unknown DeepSpeed key 'gradient_acumulation_steps' (did you mean 'gradient_accumulation_steps'?)"),
+    ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage: ZeRO has stages 0, 1, 2 and 3, not 5"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}}, "zero_optimization.reduce_bucket_size: Input "
+                                                                         "should be a valid integer"),
+    ({"zero_optimization": {"stage": 1}, "fp16": {"enabled": "auto", "loss_scael": 0}}, "fp16.loss_scael: unknown key"),
+    ({"zero_optimization": {"stage": 1}, "made_up_section": {}}, "unknown DeepSpeed key 'made_up_section'"),
+], ids=["section-typo", "top-level-typo", "stage-5", "wrong-type", "fp16-typo", "unknown-section"])
+def test_deepspeeds_own_config_model_refuses_a_wrong_key_naming_file_and_key(tmp_path, cfg, message):
+    with pytest.raises(dsconfig.ConfigError) as e:
+        build(tmp_path, cfg, precision="fp16")
+    assert str(e.value).startswith(f"{tmp_path / 'ds.json'}: ") and message in str(e.value), str(e.value)
+
+
+def test_auto_values_accelerate_fills_in_later_pass_validation(tmp_path):
+    cfg = build(tmp_path, {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}})
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == "auto"
+
+
+def test_a_relative_config_path_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds_configs/zero2.json"}  # what accelerate_configs/*.yaml name
+    assert dsconfig.config_path(None, env) == dsconfig.DS_CONFIG_DIR / "zero2.json"
+
+
 def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     for name, complete in [("step_00000004", True), ("step_00000008", True), ("step_00000012", False),
                            ("step_00000016.tmp", True)]:

@@ -89,6 +89,18 @@ def test_what_a_precision_label_means_is_one_spec_and_the_deepspeed_config_follo
     (["--resume", "auto"], ONE, CPU, "--resume auto needs the run's --output-dir"),
     (["--loader", "dali", "--aa", "augmix-m5"], ONE, CPU, "supports RandAugment policies"),
     (["--deepspeed-config", "/nonexistent/ds.json"], ONE, CPU, "/nonexistent/ds.json: DeepSpeed config not found"),
+    (["--model", "resnet50"], ONE, CPU, "--model resnet50 is a ResNet: the trainer supports timm's Vision Transformers"),
+    (["--model", "convnext_tiny"], ONE, CPU, "is a ConvNeXt: the trainer supports timm's Vision Transformers"),
+    (["--aa", "autoaug"], ONE, CPU, "--aa autoaug: expected 'ra'"),
+    (["--precision", "fp32"], {**ONE, "ACCELERATE_MIXED_PRECISION": "bf16"}, H200,
+     "accelerate launch --mixed_precision bf16 (--precision bf16) contradicts --precision fp32"),
+    ([], {**ONE, "ACCELERATE_MIXED_PRECISION": "fp8"}, H200, "--mixed_precision fp8: not a precision of this trainer"),
+    (["--zero-stage", "3"], {**ONE_NODE_8, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, H200,
+     "accelerate launch --zero_stage 2 contradicts --zero-stage 3"),
+    ([], {**ONE_NODE_8, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, H200,
+     "--gradient_accumulation_steps 4 contradicts the recipe's 2 (--global-batch-size 4096 / (--batch-size 256 x 8"),
+    ([], {**ONE_NODE_8, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}, H200, None),  # what the recipe derives
+    ([], {**ONE, "ACCELERATE_GRADIENT_CLIPPING": "0.5"}, H200, "--gradient_clipping 0.5 contradicts --clip-grad 1.0"),
 ])
 def test_what_cannot_run_is_refused_by_the_plan_naming_the_flag(demo_shards, flags, environ, machine, message):
     if message is None:
@@ -264,3 +276,40 @@ def test_a_bad_wandb_init_timeout_is_refused_at_start(demo_shards):
         with pytest.raises(UserError, match=f"WANDB_INIT_TIMEOUT='{value}' is not a number of seconds"):
             make(demo_shards, ["--wandb", "offline"], {**ONE, "WANDB_INIT_TIMEOUT": value})
     make(demo_shards, ["--wandb", "off"], {**ONE, "WANDB_INIT_TIMEOUT": "abc"})  # W&B off: not read
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, dict(precision="bf16")),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, dict(precision="amp")),  # fp16 autocast + loss scaling
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, dict(precision="amp")),  # accelerate's default: nothing asked
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, dict(zero_stage=2)),
+])
+def test_what_accelerate_launch_was_asked_is_what_runs(demo_shards, environ, expected):
+    p = make(demo_shards, [], {**ONE_NODE_8, **environ}, H200)
+    assert {k: p.precision.label if k == "precision" else getattr(p, k) for k in expected} == expected
+
+
+def test_the_image_size_is_the_models_own_unless_the_flag_says_otherwise(demo_shards):
+    def planned(*flags):
+        args = cli.parse_args(["--data-dir", str(demo_shards), "--model-kwargs", "depth=1", *flags])
+        return plan.make_plan(args, ONE, H200, REPO)
+    assert planned("--model", "vit_small_patch16_384").img_size == 384
+    assert planned("--model", "vit_small_patch16_224").img_size == 224
+    p = planned("--model", "vit_small_patch16_384", "--img-size", "96")
+    assert p.img_size == p.loader.img_size == p.model_kwargs["img_size"] == 96
+
+
+def test_the_recipe_records_the_train_transform_that_runs(demo_shards):
+    p = make(demo_shards, [], ONE, CPU)
+    assert p.recipe.auto_augment == "ra"
+    assert "RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=31, interpolation=InterpolationMode.BILINEAR" \
+        in p.recipe.train_transform
+    assert "RandomResizedCrop(size=(32, 32)" in p.recipe.train_transform and "ColorJitter" not in p.recipe.train_transform
+    assert p.to_json()["recipe"]["train_transform"] == p.recipe.train_transform
+
+
+def test_an_unwritable_output_dir_is_refused_by_the_plan(demo_shards, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match=f"{a_file}/run: cannot create the output directory or write in it"):
+        make(demo_shards, ["--output-dir", str(a_file / "run")], ONE, CPU)

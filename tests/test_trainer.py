@@ -119,7 +119,13 @@ def test_metrics_jsonl_holds_every_row_wandb_got(two_rank_run):
     evals = [row for row in lines if row["kind"] == "eval"]
     r = results(out)
     assert [(e["step"], e[M.ACC1]) for e in evals] == [(e["step"], e["acc1"]) for e in r["evals"]]
-    assert [row["step"] for row in lines if row["kind"] == "checkpoint"] == [r["global_step"]]
+    saves = [row for row in lines if row["kind"] == "checkpoint"]
+    assert [row["step"] for row in saves] == [r["global_step"]]
+    # the run's only save is its final one, outside the train window: still timed, sized and counted
+    assert saves[0]["seconds"] > 0 and saves[0]["bytes"] > 12 * r["plan"]["n_params"]
+    assert r["checkpoint_time"] == pytest.approx(saves[0]["seconds"]) == r["checkpoint_max_s"] > 0
+    assert r["checkpoints"] == [{"step": r["global_step"], "seconds": saves[0]["seconds"], "bytes": saves[0]["bytes"]}]
+    assert r["checkpoint_time_in_train_window"] == 0.0 and r["units"]["p_core"] == "img/s"
 
 
 def test_zero3_evaluation_keeps_ranks_in_lockstep(demo_shards, tmp_path):

@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -313,15 +314,23 @@ class CheckpointManager:
                  min_bytes: int, broadcast: Callable[[list], list]):
         self.spec, self.root, self.accelerator = spec, Path(root), accelerator
         self.total_steps, self.meta, self.min_bytes, self.broadcast = total_steps, meta, min_bytes, broadcast
+        self.saves: list[dict] = []  # every save of this launch: {step, seconds, bytes} (bytes: main process)
 
     def due(self, step: int) -> bool:
         """A periodic save after STEP (the end of training always saves, outside this rule)."""
         every = self.spec.every_steps
         return bool(every) and step % every == 0 and step < self.total_steps
 
-    def save(self, step: int, epoch: int) -> Path:
-        return save(self.accelerator, self.root, step, keep=self.spec.keep, meta={"epoch": epoch, **self.meta},
-                    min_bytes=self.min_bytes)
+    def save(self, step: int, epoch: int) -> dict:
+        """Save STEP; returns what it cost, {step, seconds, bytes}, also kept in `saves` (results.json's
+        checkpoint_time sums them: periodic, preemption and final saves alike)."""
+        start = time.perf_counter()
+        final = save(self.accelerator, self.root, step, keep=self.spec.keep, meta={"epoch": epoch, **self.meta},
+                     min_bytes=self.min_bytes)
+        cost = {"step": step, "seconds": time.perf_counter() - start,
+                "bytes": sum(_sizes(final).values()) if self.accelerator.is_main_process else None}
+        self.saves.append(cost)
+        return cost
 
     def agree_on_resume(self, resume_from: Path | None) -> None:
         """Rank 0's choice of checkpoint is the launch's: a rank that sees another (an output directory that is

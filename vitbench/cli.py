@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import math
 import os
 import re
@@ -91,9 +92,57 @@ class Flags(argparse.Namespace):
     fix_hp: dict  # the recipe flags this launch changed
 
 
+# Flags other trainers (timm's train.py, accelerate, torchvision's references) have with another meaning here:
+# refused naming ours, never taken for a prefix of one of ours.
+FOREIGN_FLAGS = {
+    "--warmup-lr": "timm's absolute warm-up lr; here the warm-up starts at --warmup-lr-factor x lr (default 0.033)",
+    "--amp": "use --precision amp (or fp32, tf32, fp16, bf16)",
+    "--apex-amp": "use --precision amp", "--native-amp": "use --precision amp",
+    "--bf16": "use --precision bf16", "--fp16": "use --precision fp16 (fp16 weights) or amp (fp16 autocast)",
+    "--mixed-precision": "use --precision", "--mixed_precision": "accelerate launch's; here --precision",
+    "--grad-accum-steps": "accumulation is derived: --global-batch-size / (--batch-size x devices)",
+    "--gradient-accumulation-steps": "accumulation is derived: --global-batch-size / (--batch-size x devices)",
+    "--gradient_accumulation_steps": "accumulation is derived: --global-batch-size / (--batch-size x devices)",
+    "--zero_stage": "accelerate launch's; here --zero-stage",
+    "--sched": "the schedule is the recipe's: linear warm-up then cosine (--warmup-epochs, --min-lr)",
+    "--lr-scheduler": "the schedule is the recipe's: linear warm-up then cosine (--warmup-epochs, --min-lr)",
+    "--opt": "the optimizer is the recipe's AdamW (--lr, --weight-decay)",
+    "--model-ema": "FlagPerf's recipe has no model EMA; this trainer has none",
+    "--reprob": "FlagPerf's recipe has no random erasing; this trainer has none",
+    "--color-jitter": "FlagPerf's recipe has no colour jitter; --aa chooses the augmentation",
+    "--label-smoothing": "use --smoothing", "--clip": "use --clip-grad", "--epoch": "use --epochs",
+    "--warmup-steps": "use --warmup-epochs", "--num-workers": "use --workers",
+}
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, allow_abbrev=False, **kw)  # no prefixes: `--warmup-lr` never means --warmup-lr-factor
+
     def error(self, message):  # one line, exit 2, as every other start-up error
         self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
+
+    def refuse_unknown(self, extras: list[str]) -> None:
+        flags = [x.partition("=")[0] for x in extras if x.startswith("-")]
+        for flag in flags:
+            if flag in FOREIGN_FLAGS:
+                self.error(f"{flag} is not a flag of train_vit.py: {FOREIGN_FLAGS[flag]}")
+        ours = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        for flag in flags:
+            close = difflib.get_close_matches(flag, ours, n=1)
+            self.error(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        self.error(f"unexpected argument(s): {' '.join(extras)}")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default (a help text that explains its default itself keeps its words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        shown = "off" if action.default is False else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
 
 
 def at_least(minimum, kind=int, below=None):
@@ -109,6 +158,11 @@ def at_least(minimum, kind=int, below=None):
             raise argparse.ArgumentTypeError(f"must be a finite number {limits}, got {text}")
         return value
     return parse
+
+
+def optional(parse):
+    """argparse type: PARSE's value, or None for 'none'."""
+    return lambda text: None if text.strip().lower() == "none" else parse(text)
 
 
 def step_range(text: str) -> tuple[int, int]:
@@ -132,7 +186,10 @@ POS, NONNEG, POS_FLOAT, NONNEG_FLOAT = at_least(1), at_least(0), at_least(1e-12,
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    p = _Parser(prog="train_vit.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="train_vit.py", description=description, formatter_class=_Help,
+                epilog="--demo sets " + ", ".join(f"--{k.replace('_', '-')} {'none' if v is None else v}"
+                                                  for k, v in DEMO.items()) +
+                f", --data-dir {demo.DEFAULT_DIR} (flags given explicitly still win)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="shards + _info.json (default: $VITBENCH_DATA_DIR or %(default)s)")
@@ -141,11 +198,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--loader", choices=LOADERS, default="wds",
                    help="train loader: wds (shard reader + PIL/timm transforms in worker processes) or dali "
                         "(NVIDIA DALI: nvjpeg decode and augmentation on the GPU; CPU operators on a CPU)")
-    g.add_argument("--demo", action="store_true", help="build the demo shards if missing and run a CPU-sized demo")
+    g.add_argument("--demo", action="store_true",
+                   help="build the demo shards if missing and run a CPU-sized demo (what it sets: below)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_base_patch16_224", help="any timm model name")
-    g.add_argument("--img-size", type=POS, default=None, help="input size (default: the model's, 224)")
-    g.add_argument("--patch-size", type=POS, default=None, help="ViT patch size passed to timm")
+    g.add_argument("--model", default="vit_base_patch16_224",
+                   help="a timm Vision Transformer (vit_*, deit_*: timm.models.vision_transformer)")
+    g.add_argument("--img-size", type=POS, default=None,
+                   help="input size (default: the model's own, e.g. 224 for vit_base_patch16_224, 384 for *_384)")
+    g.add_argument("--patch-size", type=POS, default=None, help="ViT patch size (default: the model's own)")
     g.add_argument("--model-kwargs", nargs="*", type=key_value, default=[], metavar="KEY=VALUE",
                    help="extra timm create_model arguments, e.g. depth=6 embed_dim=384")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (DeepSpeed engine.compile)")
@@ -161,22 +221,26 @@ def _add_recipe_flags(g) -> None:
                    help="images per optimizer step; gradient accumulation = global / (batch-size x devices)")
     g.add_argument("--lr", type=POS_FLOAT, default=None, help="absolute lr (default: --lr-base scaled linearly)")
     g.add_argument("--lr-base", type=POS_FLOAT, default=3e-3, help="lr at --lr-base-size global batch")
-    g.add_argument("--lr-base-size", type=POS, default=4096)
-    g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.3)
-    g.add_argument("--epochs", type=POS, default=300)
-    g.add_argument("--warmup-epochs", type=NONNEG_FLOAT, default=30)
+    g.add_argument("--lr-base-size", type=POS, default=4096, help="the global batch --lr-base is given for")
+    g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.3, help="AdamW weight decay, on every parameter")
+    g.add_argument("--epochs", type=POS, default=300, help="the schedule's length (--max-steps stops earlier "
+                   "without changing it)")
+    g.add_argument("--warmup-epochs", type=NONNEG_FLOAT, default=30, help="linear warm-up, then cosine to --min-lr")
     g.add_argument("--warmup-lr-factor", type=NONNEG_FLOAT, default=0.033,
                    help="warm-up starts at this fraction of lr")
-    g.add_argument("--min-lr", type=NONNEG_FLOAT, default=0.0)
+    g.add_argument("--min-lr", type=NONNEG_FLOAT, default=0.0, help="where the cosine ends")
     g.add_argument("--smoothing", type=at_least(0.0, float, below=1.0), default=0.11, help="label smoothing")
     g.add_argument("--mixup", type=NONNEG_FLOAT, default=0.2, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=NONNEG_FLOAT, default=1.0, help="cutmix alpha (0: off)")
-    g.add_argument("--aa", default="rand-m9-mstd0.5", help="timm auto-augment policy ('' for none)")
+    g.add_argument("--aa", default="ra",
+                   help="augmentation: 'ra' = torchvision's RandAugment, 2 ops at magnitude 9 of 31 bins (FlagPerf's); "
+                        "'ra-mM-nN' another strength; a timm policy ('rand-m9-mstd0.5', 'augmix-m5', 'original'); "
+                        "'none'")
     g.add_argument("--aug-repeats", type=POS, default=3, help="repeated augmentation copies per decoded image")
     g.add_argument("--clip-grad", type=NONNEG_FLOAT, default=1.0, help="gradient norm clipping (0: off)")
-    g.add_argument("--target-acc1", type=at_least(0.0, float), default=79.98,
-                   help="stop once validation top-1 reaches this")
-    g.add_argument("--seed", type=int, default=41)
+    g.add_argument("--target-acc1", type=optional(at_least(0.0, float)), default=79.98,
+                   help="stop once validation top-1 (%%) reaches this; 'none': train the whole schedule")
+    g.add_argument("--seed", type=int, default=41, help="model init, augmentation and shard order")
 
 
 def _add_system_flags(g) -> None:
@@ -184,15 +248,20 @@ def _add_system_flags(g) -> None:
                    help="fp32 | tf32 | amp (fp16 autocast + loss scaling) | fp16 | bf16 (default: amp on one node; "
                         "bf16 across nodes where the device has it: no loss scaling)")
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
-                   help="override the ZeRO stage of the DeepSpeed config")
+                   help="override the ZeRO stage of the DeepSpeed config (default: the config's, or accelerate "
+                        "launch's --zero_stage)")
     g.add_argument("--deepspeed-config", default=None,
-                   help="DeepSpeed JSON (default: the launch config's, else ds_configs/zero1.json)")
-    g.add_argument("--eval-batch-size", type=POS, default=512)
+                   help="DeepSpeed JSON (default: the launch config's, else ds_configs/zero1.json; a relative path is "
+                        "looked up in the working directory, then in the repository)")
+    g.add_argument("--eval-batch-size", type=POS, default=512, help="validation images per device and forward")
     g.add_argument("--eval-every", type=POS, default=1, help="evaluate every N epochs (and at the end)")
-    g.add_argument("--max-steps", type=POS, default=None, help="stop after N optimizer steps")
+    g.add_argument("--max-steps", type=POS, default=None,
+                   help="stop after N optimizer steps, the schedule unchanged (default: the schedule's end); the report "
+                        "marks such a run as stopped before its recipe's end")
     g.add_argument("--nccl-busbw", type=POS_FLOAT, default=None, metavar="GB/S",
                    help="all_reduce bus bandwidth measured with nccl-tests across this run's nodes, recorded in "
-                        "results.json beside the scaling figures (README: before the first 2x8 run)")
+                        "results.json beside the scaling figures (README: before the first 2x8 run; default: not "
+                        "recorded)")
     g.add_argument("--deepspeed-throughput-timer", action="store_true",
                    help="also run DeepSpeed's ThroughputTimer (a second opinion on p_core; it synchronizes the "
                         "device every step: for benchmarks only)")
@@ -200,28 +269,33 @@ def _add_system_flags(g) -> None:
 
 def _add_output_flags(g) -> None:
     g.add_argument("--output-dir", default=None, help="default: runs/<run-name>")
-    g.add_argument("--run-name", default=None)
+    g.add_argument("--run-name", default=None,
+                   help="default: MODEL_NxK_PRECISION_zSTAGE_TIMESTAMP (names runs/<run-name> and the W&B run)")
     g.add_argument("--checkpoint-every", type=NONNEG, default=0,
                    help="optimizer steps between checkpoints (0: end only)")
-    g.add_argument("--keep-checkpoints", type=POS, default=2)
-    g.add_argument("--resume", default="", help="'auto' (newest complete checkpoint in the output dir) or a path")
+    g.add_argument("--keep-checkpoints", type=POS, default=2, help="newest checkpoints kept; older ones are deleted")
+    g.add_argument("--resume", default="",
+                   help="'auto' (newest complete checkpoint in the output dir) or a path (default: a new run)")
     g.add_argument("--log-interval", type=POS, default=20, help="steps between profiler rows")
     g.add_argument("--timing-warmup-steps", type=NONNEG, default=10,
                    help="steps left out of the *_steady throughput figures")
     g.add_argument("--profile-steps", type=step_range, default=None, metavar="A:B",
-                   help="torch.profiler trace of steps A..B (0 <= A < B)")
-    g.add_argument("--peak-tflops", type=POS_FLOAT, default=None, help="device peak for MFU (default: known table)")
+                   help="torch.profiler trace of steps A..B (0 <= A < B; default: no trace)")
+    g.add_argument("--peak-tflops", type=POS_FLOAT, default=None,
+                   help="one device's dense peak for MFU (default: the datasheet table; none for unknown devices)")
     g.add_argument("--wandb", choices=["online", "offline", "off"], default="online",
                    help="online falls back to offline when there are no credentials")
-    g.add_argument("--wandb-project", default="vitbench")
-    g.add_argument("--wandb-entity", default=None)
+    g.add_argument("--wandb-project", default="vitbench", help="W&B project")
+    g.add_argument("--wandb-entity", default=None, help="W&B entity (default: your W&B default entity)")
     g.add_argument("--wandb-group", default=None, help="default: the run name")
 
 
 def parse_args(argv=None, description: str | None = None) -> Flags:
     """DESCRIPTION: --help's text (train_vit.py's docstring)."""
     parser = build_parser(description)
-    args = parser.parse_args(argv, namespace=Flags())
+    args, extras = parser.parse_known_args(argv, namespace=Flags())
+    if extras:
+        parser.refuse_unknown(extras)
     if args.demo:  # the demo's values become the defaults: what the user typed still wins
         parser.set_defaults(**DEMO, data_dir=str(demo.DEFAULT_DIR))
         args = parser.parse_args(argv, namespace=Flags())

@@ -25,29 +25,39 @@ import numpy as np
 import torch
 
 from vitbench.shardformat import DataError, ShardSet, parse_label, split_member
+from vitbench.transforms import TORCHVISION_BINS, AugmentPolicy
 
 INDEX_SUFFIX = ".idx"
 EPOCH_SAMPLING = "dali-sharded"  # results.json: DALI's reader splits the samples over ranks, each once per epoch
-# timm's RandAugment magnitude runs 0..10; DALI's is a bin in 0..num_magnitude_bins-1.
-_TIMM_MAX_MAGNITUDE, _DALI_BINS = 10, 31
 MAX_EMPTY_RUNS = 20  # pipeline runs in a row without a usable sample before the run stops
+# torchvision's RandAugment translates by up to 150/331 of the image side (DALI's default: 100/224) and fills
+# with black (DALI's default: grey).
+_TORCHVISION_TRANSLATE_REL, _TORCHVISION_FILL = 150 / 331, 0
+_TIMM_MAX_MAGNITUDE = 10  # timm's magnitudes run 0..10; DALI's are bins, as torchvision's
 
 
 def rand_augment_args(policy: str | None) -> tuple[int, int] | None:
-    """timm's `rand-m9-n2-...` -> (n ops, DALI magnitude bin); None for no policy. Only RandAugment maps."""
-    if not policy:
+    """`--aa` -> (ops per image, DALI magnitude bin of TORCHVISION_BINS); None for no policy.
+
+    'ra' (FlagPerf's, the default) maps one to one: DALI's default suite is torchvision's 14 ops with the same
+    ranges, given torchvision's translation range and fill (below). What still differs: DALI's solarize
+    threshold runs from 256 down (torchvision's from 255). timm's `rand-mM` maps to bin round(M/10 x 30) of the
+    same suite: timm's own op set (Invert, SolarizeAdd...) and its magnitude noise (`mstd`) are not DALI's."""
+    parsed = AugmentPolicy.parse(policy)
+    if parsed.kind == "none":
         return None
-    parts = policy.split("-")
-    if parts[0] != "rand":
-        raise DataError(f"--loader dali supports RandAugment policies ('rand-m9-mstd0.5'), not '{policy}'")
+    if parsed.kind == "torchvision":
+        return parsed.num_ops, parsed.magnitude
+    if not parsed.text.startswith("rand"):
+        raise DataError(f"--loader dali supports RandAugment policies ('ra', 'rand-m9-mstd0.5'), not '{policy}'")
     n, m = 2, 9  # timm's defaults
-    for part in parts[1:]:
+    for part in parsed.text.split("-")[1:]:
         key, value = re.match(r"([a-z]+)(.*)", part).groups()
         if key == "m":
             m = float(value)
         elif key == "n":
             n = int(value)
-    return n, round(m / _TIMM_MAX_MAGNITUDE * (_DALI_BINS - 1))
+    return n, round(m / _TIMM_MAX_MAGNITUDE * (TORCHVISION_BINS - 1))
 
 
 def write_index(tar_path: str | Path) -> Path:
@@ -116,7 +126,9 @@ def _graph(shards: ShardSet, img_size: int, rand_augment: tuple[int, int] | None
         img = fn.flip(img, horizontal=fn.random.coin_flip())
         if rand_augment:
             img = dali_rand_augment.rand_augment(img, n=rand_augment[0], m=rand_augment[1],
-                                                 num_magnitude_bins=_DALI_BINS)
+                                                 num_magnitude_bins=TORCHVISION_BINS, shape=[img_size, img_size],
+                                                 max_translate_rel=_TORCHVISION_TRANSLATE_REL,
+                                                 fill_value=_TORCHVISION_FILL, interp_type=types.INTERP_LINEAR)
         outputs.append(fn.transpose(img, perm=[2, 0, 1]))  # HWC -> CHW, still uint8
     return (*outputs, labels, keys)
 

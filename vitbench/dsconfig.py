@@ -3,6 +3,8 @@ flags written in, so users never keep batch, accumulation, clipping or precision
 
 from __future__ import annotations
 
+import collections.abc
+import difflib
 import json
 import os
 from pathlib import Path
@@ -17,8 +19,13 @@ class ConfigError(UserError):
 
 
 def config_path(flag: str | None, environ=os.environ) -> Path:
-    """--deepspeed-config, else the one `accelerate launch` was given (its YAML), else ZeRO-1."""
-    return Path(flag or environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or DS_CONFIG_DIR / "zero1.json")
+    """--deepspeed-config, else the one `accelerate launch` was given (its YAML), else ZeRO-1. A relative path is
+    the working directory's, else the repository's (our accelerate configs name `ds_configs/...`, so a launch
+    from another directory finds them)."""
+    path = Path(flag or environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or DS_CONFIG_DIR / "zero1.json")
+    if not path.is_absolute() and not path.exists() and (DS_CONFIG_DIR.parent / path).exists():
+        return DS_CONFIG_DIR.parent / path
+    return path
 
 
 def _merge_section(path: Path, key: str, theirs, wanted: dict, label: str) -> dict:
@@ -77,6 +84,7 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
                               f"gradients of {grad_accum} micro-batches in {theirs}; remove it (fp32 is used)")
         types["grad_accum_dtype"] = "fp32"
     cfg.update(ours)
+    validate(path, cfg)
     if not precision.deepspeed_clips:
         cfg["gradient_clipping"] = 0.0
     zero = cfg.setdefault("zero_optimization", {})
@@ -94,6 +102,69 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
     cfg["timers"] = {"throughput": {"enabled": throughput_timer, "synchronized": throughput_timer}}
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
+
+
+def validate(path: Path, cfg: dict) -> None:
+    """CFG checked by DeepSpeed's own config model (its pydantic sections refuse unknown keys, wrong types and
+    ZeRO stages outside 0-3), and every top-level key one that DeepSpeed's parser reads (it ignores the rest
+    silently: a misspelt `gradient_acumulation_steps` would change nothing). One line naming the file and key."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    read = set()
+
+    class Keys(collections.abc.KeysView):
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+    class Recorded(dict):  # records each top-level key DeepSpeed's parser asks for
+        def get(self, key, *default):
+            read.add(key)
+            return super().get(key, *default)
+
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+        def keys(self):
+            return Keys(self)
+
+    # accelerate fills the remaining "auto" values at prepare(); the batch total is checked against a world size
+    # DeepSpeed cannot know before the process group exists (ours wrote it consistently above)
+    probe = _without_auto({k: v for k, v in cfg.items() if k != "train_batch_size"})
+    try:
+        DeepSpeedConfig(Recorded(probe))
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(part) for part in err["loc"])
+        section = next((name for name, v in cfg.items() if isinstance(v, dict) and err["loc"][0] in v), None)
+        what = "unknown key" if err["type"] == "extra_forbidden" else \
+            f"ZeRO has stages 0, 1, 2 and 3, not {err['input']!r}" if key == "stage" else err["msg"]
+        raise ConfigError(f"{path}: {section + '.' if section else ''}{key}: {what} (DeepSpeed {deepspeed_version()}'s "
+                          f"{e.title})") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{path}: DeepSpeed refuses this config: {type(e).__name__}: {e}") from None
+    for key in sorted(set(cfg) - read):
+        close = difflib.get_close_matches(key, sorted(read), n=1)
+        raise ConfigError(f"{path}: unknown DeepSpeed key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else
+                          f"; DeepSpeed {deepspeed_version()} reads none of that name"))
+
+
+def _without_auto(value):
+    if isinstance(value, dict):
+        return {k: _without_auto(v) for k, v in value.items() if v != "auto"}
+    return value
+
+
+def deepspeed_version() -> str:
+    from importlib.metadata import version
+
+    return version("deepspeed")
 
 
 # The fp16 keys torch's GradScaler rule has a counterpart for, with their ranges; under --precision amp they set

@@ -17,7 +17,7 @@ from typing import Iterator, Protocol
 
 from vitbench import dali_loader, wds_loader
 from vitbench.shardformat import DataError, ShardSet
-from vitbench.transforms import train_transform
+from vitbench.transforms import AugmentPolicy, train_transform
 
 LOADERS = ("wds", "dali")
 
@@ -38,11 +38,12 @@ class LoaderSpec:
     workers: int  # DataLoader processes (wds) or DALI threads per rank
     batch_size: int
     repeats: int  # repeated augmentation: copies of each decoded image
-    auto_augment: str | None
+    auto_augment: str  # --aa (transforms.AugmentPolicy)
     img_size: int
 
     def check(self) -> None:
-        """What can be wrong with the loader before any work: DALI installed, the policy one DALI has."""
+        """What can be wrong with the loader before any work: the policy, DALI installed, the policy one DALI has."""
+        AugmentPolicy.parse(self.auto_augment)
         if self.kind == "dali":
             if importlib.util.find_spec("nvidia.dali") is None:
                 raise DataError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda130; `make setup` "
@@ -80,7 +81,7 @@ def build(spec: LoaderSpec, shards: ShardSet, *, rank: int, world_size: int, see
                                            world_size=world_size, threads=spec.workers, seed=seed + 1000 * step,
                                            repeats=spec.repeats, device=device)
     return wds_loader.WdsTrainLoader(wds_loader.train_loader(
-        shards, train_transform(spec.img_size, spec.auto_augment), spec.batch_size,
+        shards, train_transform(spec.img_size, AugmentPolicy.parse(spec.auto_augment)), spec.batch_size,
         (steps_per_epoch - step_in_epoch) * grad_accum, rank=rank, world_size=world_size, workers=spec.workers,
         seed=seed, epoch=epoch, resume_step=step_in_epoch, repeats=spec.repeats,
         steps_per_epoch=steps_per_epoch * grad_accum, pin_memory=device.type == "cuda"),

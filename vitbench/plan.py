@@ -17,6 +17,7 @@ from pathlib import Path
 from vitbench import checkpoint, dsconfig, remote, tracking
 from vitbench.checkpoint import CheckpointSpec
 from vitbench.errors import UserError
+from vitbench.files import writable_problem
 from vitbench.evaluator import EvalSpec
 from vitbench.loaders import LoaderSpec
 from vitbench.precision import SPECS, PrecisionSpec
@@ -24,6 +25,7 @@ from vitbench.profiler import peak_tflops
 from vitbench.runinfo import MachineFacts, layout
 from vitbench.shardformat import ShardSet, load_split, read_info
 from vitbench.tracking import TrackingSpec
+from vitbench.transforms import AugmentPolicy, describe, train_transform
 
 MAX_DEFAULT_WORKERS = 16  # JPEG decoding needs many cores per GPU (FlagPerf uses 16)
 # timm create_model arguments that flags own: setting them through --model-kwargs would contradict a flag.
@@ -53,6 +55,8 @@ class Recipe:
     smoothing: float
     mixup: float
     cutmix: float
+    auto_augment: str  # --aa as given (transforms.AugmentPolicy)
+    train_transform: str  # what a worker does to a train image, as text (transforms.describe)
     seed: int
 
 
@@ -164,14 +168,12 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
                         "will compete for cores (lower --workers, or give the job more CPUs)")
     if args.wandb != "off":
         tracking.init_timeout(environ)
-    precision = SPECS[args.precision or default_precision(lay["nnodes"], machine)]
+    asked = accelerate_launch_settings(args, environ, per_step)
+    precision = SPECS[args.precision or asked.get("precision") or default_precision(lay["nnodes"], machine)]
     precision.check_supported(machine)
-    loader = LoaderSpec(args.loader, workers, args.batch_size, args.aug_repeats, args.aa or None,
-                        args.img_size or 224)
-    loader.check()
     location = remote.parse(args.data_dir)
     remote.RetryPolicy.from_env(environ)  # a bad VITBENCH_READ_* is refused now, not at the first shard
-    if location.remote and loader.kind == "dali":
+    if location.remote and args.loader == "dali":
         raise PlanError(f"--loader dali reads local shards only (DALI opens files by path), not {args.data_dir}: "
                         "use --loader wds, which streams https/s3/gs/hf, or copy the shards to a local disk")
     location = remote.pin(location)  # hf://: the revision's commit now, the same for every rank and resume
@@ -179,9 +181,15 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     train, val = load_split(location, "train", info), load_split(location, "validation", info)
     data = {"source": location.source, "revision": location.revision, "info_sha256": train.info_sha256}
     model_kwargs, n_params = _model(args, train.num_classes)
+    loader = LoaderSpec(args.loader, workers, args.batch_size, args.aug_repeats, args.aa, model_kwargs["img_size"])
+    loader.check()
     warnings += loader.start_warnings(train, world)
     output_dir = Path(args.output_dir) if args.output_dir else \
         Path(repo) / "runs" / args.run_name if args.run_name else None
+    # a real write now, before the process group, accelerate and DeepSpeed take their minute
+    if problem := writable_problem(output_dir or Path(repo) / "runs"):
+        raise PlanError(f"{output_dir or Path(repo) / 'runs'}: cannot create the output directory or write in it "
+                        f"({problem}); pick a writable --output-dir")
     resume_from = checkpoint.resolve_resume(args.resume, output_dir / "checkpoints" if output_dir else None,
                                             log=warnings.append)
     if output_dir is not None and not args.resume and (held := checkpoint.held_run(output_dir)):
@@ -195,7 +203,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         return dsconfig.build(ds_path, micro_batch=args.batch_size, grad_accum=args.global_batch_size // per_step,
                               world_size=world, clip_grad=args.clip_grad, precision=precision, zero_stage=stage,
                               throughput_timer=args.deepspeed_throughput_timer)
-    ds_config = ds_build(args.zero_stage)
+    ds_config = ds_build(args.zero_stage if args.zero_stage is not None else asked.get("zero_stage"))
     zero_stage = requested_stage = ds_config["zero_optimization"]["stage"]
     if world == 1 and zero_stage > 0 and _zero_is_pure_overhead(ds_config, precision, (marker or {}).get("zero_stage")):
         warnings.append(f"ZeRO-{zero_stage} partitions across processes; with one it only adds copies and memory, "
@@ -220,7 +228,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         **lay, model=args.model, model_kwargs=model_kwargs, img_size=loader.img_size, n_params=n_params,
         precision=precision, loader=loader, train=train, val=val, ds_config=ds_config, zero_stage=zero_stage,
         grad_accum=grad_accum, loss_scaling=loss_scaling, zero_stage_requested=requested_stage,
-        recipe=_recipe(args, steps_per_epoch), checkpoints=CheckpointSpec(args.checkpoint_every, args.keep_checkpoints),
+        recipe=_recipe(args, steps_per_epoch, loader.img_size), checkpoints=CheckpointSpec(args.checkpoint_every, args.keep_checkpoints),
         evaluation=EvalSpec(args.eval_every, args.eval_batch_size, args.target_acc1),
         measurement=_measurement(args, machine, precision),
         tracking=TrackingSpec(args.wandb, args.wandb_project, args.wandb_entity, args.wandb_group),
@@ -231,7 +239,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
 
 
-def _recipe(args, steps_per_epoch: int) -> Recipe:
+def _recipe(args, steps_per_epoch: int, img_size: int) -> Recipe:
     lr = args.lr or args.lr_base * args.global_batch_size / args.lr_base_size  # linear scaling
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     loss = LOSSES[0] if args.mixup or args.cutmix else LOSSES[1] if args.smoothing else LOSSES[2]
@@ -239,7 +247,8 @@ def _recipe(args, steps_per_epoch: int) -> Recipe:
                   weight_decay=args.weight_decay, clip_grad=args.clip_grad, epochs=args.epochs,
                   warmup_steps=warmup_steps, warmup_lr=lr * args.warmup_lr_factor,
                   decay_steps=max(1, args.epochs * steps_per_epoch - warmup_steps), min_lr=args.min_lr, loss=loss,
-                  smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, seed=args.seed)
+                  smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, auto_augment=args.aa,
+                  train_transform=describe(train_transform(img_size, AugmentPolicy.parse(args.aa))), seed=args.seed)
 
 
 def _measurement(args, machine: MachineFacts, precision: PrecisionSpec) -> Measurement:
@@ -263,6 +272,53 @@ def _zero_is_pure_overhead(ds_config: dict, precision, checkpoint_stage: int | N
     return not (offloads or fp32_accumulation or checkpoint_stage)
 
 
+# accelerate's --mixed_precision under DeepSpeed -> our label: 16-bit autocast over fp32 weights (fp16 with
+# loss scaling). accelerate's own "no" is its default, written whether or not the user asked: it means nothing.
+ACCELERATE_PRECISION = {"fp16": "amp", "bf16": "bf16"}
+
+
+def accelerate_launch_settings(args, environ, per_step: int) -> dict:
+    """What `accelerate launch --mixed_precision / --zero_stage / --gradient_accumulation_steps /
+    --gradient_clipping` (or the same keys in its config) asked for, as our settings. accelerate itself
+    ignores them once it is given a DeepSpeed config, so here they are applied, or refused where they
+    contradict our flags: {"precision": label, "zero_stage": N}, the keys that were asked."""
+    asked = {}
+    mixed = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed != "no":
+        if mixed not in ACCELERATE_PRECISION:
+            raise PlanError(f"accelerate launch --mixed_precision {mixed}: not a precision of this trainer; use "
+                            "--precision fp32|tf32|amp|fp16|bf16")
+        asked["precision"] = ACCELERATE_PRECISION[mixed]
+        if args.precision and args.precision != asked["precision"]:
+            raise PlanError(f"accelerate launch --mixed_precision {mixed} (--precision {asked['precision']}) "
+                            f"contradicts --precision {args.precision}: give one of them")
+    if (stage := environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")) is not None:
+        if stage not in ("0", "1", "2", "3"):
+            raise PlanError(f"accelerate launch --zero_stage {stage}: ZeRO stages are 0 to 3")
+        asked["zero_stage"] = int(stage)
+        if args.zero_stage is not None and args.zero_stage != int(stage):
+            raise PlanError(f"accelerate launch --zero_stage {stage} contradicts --zero-stage {args.zero_stage}: "
+                            "give one of them")
+    derived = args.global_batch_size // per_step
+    if environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto") not in ("auto", str(derived)):
+        raise PlanError(f"accelerate launch --gradient_accumulation_steps "
+                        f"{environ['ACCELERATE_GRADIENT_ACCUMULATION_STEPS']} contradicts the recipe's "
+                        f"{derived} (--global-batch-size {args.global_batch_size} / (--batch-size {args.batch_size} x "
+                        f"{per_step // args.batch_size} devices)): change those flags instead")
+    clip = environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+    if clip != "auto" and _number(clip) != args.clip_grad:
+        raise PlanError(f"accelerate launch --gradient_clipping {clip} contradicts --clip-grad {args.clip_grad}: "
+                        "use --clip-grad")
+    return asked
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def default_precision(nnodes: int, machine: MachineFacts) -> str:
     """--precision when none is given: amp (FlagPerf's rows) on one node; bf16 across nodes where the device has
     it: no loss scale to back off and no overflow skips across the nodes (both are autocast over fp32 weights,
@@ -271,26 +327,40 @@ def default_precision(nnodes: int, machine: MachineFacts) -> str:
 
 
 def _model(args, num_classes: int) -> tuple[dict, int]:
-    """timm.create_model's arguments, tried on the meta device (no memory, no compute) so that a bad name or
-    argument is refused at start; and the parameter count."""
+    """timm.create_model's arguments (NUM_CLASSES: the data's), tried on the meta
+    device (no memory, no compute) so that a bad name or argument is refused at start; and the parameter count.
+    The trainer trains timm's Vision Transformers (the FLOP count, fused attention and the recipe assume one);
+    the image size is the model's own unless --img-size says otherwise."""
     import timm
     import torch
+    from timm.models.vision_transformer import VisionTransformer
 
     if not timm.is_model(args.model):
-        raise PlanError(f"unknown model '{args.model}' (see timm.list_models())")
+        raise PlanError(f"unknown model '{args.model}': {SUPPORTED_MODELS}")
     clash = sorted(set(args.model_kwargs) & set(FLAG_OWNED_MODEL_KWARGS))
     if clash:
         raise PlanError(f"--model-kwargs {clash[0]}=... is set by {FLAG_OWNED_MODEL_KWARGS[clash[0]]}; use that "
                         "instead")
-    kwargs = dict(num_classes=num_classes, img_size=args.img_size or 224, **args.model_kwargs)
-    if args.patch_size:
-        kwargs["patch_size"] = args.patch_size
-    try:
+
+    def build(**kwargs):
         with torch.device("meta"):
-            model = timm.create_model(args.model, **kwargs)
+            return timm.create_model(args.model, **kwargs)
+    kwargs = dict(num_classes=num_classes, **args.model_kwargs)
+    for flag in ("img_size", "patch_size"):
+        if getattr(args, flag):
+            kwargs[flag] = getattr(args, flag)
+    try:
+        model = build(**kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as e:
+        if not isinstance(plain := build(), VisionTransformer):
+            raise PlanError(f"--model {args.model} is a {type(plain).__name__}: {SUPPORTED_MODELS}") from None
         raise PlanError(f"--model {args.model} with {kwargs}: {type(e).__name__}: {e}") from None
+    if not isinstance(model, VisionTransformer):
+        raise PlanError(f"--model {args.model} is a {type(model).__name__}: {SUPPORTED_MODELS}")
+    kwargs["img_size"] = args.img_size or model.patch_embed.img_size[0]
     return kwargs, sum(p.numel() for p in model.parameters())
 
 
-
+SUPPORTED_MODELS = ("the trainer supports timm's Vision Transformers (timm.models.vision_transformer.VisionTransformer "
+                    "and its subclasses, e.g. vit_base_patch16_224, vit_small_patch16_384, deit_base_patch16_224; "
+                    "timm.list_models('vit_*') lists them)")

@@ -231,7 +231,7 @@ class StepProfiler:
             "train_samples": samples,
             "train_time": w["train"],
             "eval_time": w["eval"],
-            "checkpoint_time": w["checkpoint"],
+            "checkpoint_time_in_train_window": w["checkpoint"],  # the periodic saves (results: every save)
             "data_wait_time": w["data_wait"],
             "compute_time": w["compute"],
             "compute_time_fastest_rank": fastest["compute"],

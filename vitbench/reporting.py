@@ -9,10 +9,12 @@ from pathlib import Path
 from vitbench import metrics as M
 from vitbench.errors import UserError
 
-COLUMNS = {
-    "zh": ["配置", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"],
-    "en": ["config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem"],
-}
+# The seed's columns, with their units (results.json's figures are in the same units: results.UNITS).
+_FIGURES = ["e2e_time (s)", "p_whole (img/s)", "p_train (img/s)", "p_core (img/s)", "final_acc1 (%)",
+            "mem (GiB used/total)"]
+COLUMNS = {"zh": ["配置", "precision", "fix_hp", *_FIGURES], "en": ["config", "precision", "fix_hp", *_FIGURES]}
+# W&B's table: the same columns as numbers (sortable, plottable); memory as two numbers.
+WANDB_COLUMNS = [*COLUMNS["en"][:-1], "mem used (GiB)", "mem total (GiB)"]
 _NODES_ZH = {1: "单机", 2: "两机"}
 
 
@@ -24,23 +26,32 @@ class ResultsError(UserError):
     pass
 
 
-def load_results(paths) -> list[dict]:
-    """RUN_DIRs or results.json files, in the order given; a file that is not a run's results is an error
-    naming it."""
+def load_results(paths, problems: list[str] | None = None) -> list[dict]:
+    """RUN_DIRs or results.json files, in the order given. A file that is not a run's results is an error naming
+    it; with PROBLEMS (a list), that line is appended there instead and the others are still read."""
     out = []
     for p in map(Path, paths):
-        f = p / "results.json" if p.is_dir() else p
-        if not f.is_file():
-            raise ResultsError(f"{f}: no results.json (did the run finish?)")
         try:
-            r = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ResultsError(f"{f}: not readable JSON ({e}); a run writes it whole at its end") from None
-        missing = [k for k in REQUIRED if k not in r] if isinstance(r, dict) else list(REQUIRED)
-        if missing:
-            raise ResultsError(f"{f}: not a vitbench results.json (no {', '.join(missing)})")
-        out.append(r)
+            out.append(_load_one(p))
+        except ResultsError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
     return out
+
+
+def _load_one(p: Path) -> dict:
+    f = p / "results.json" if p.is_dir() else p
+    if not f.is_file():
+        raise ResultsError(f"{f}: no results.json (did the run finish?)")
+    try:
+        r = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ResultsError(f"{f}: not readable JSON ({e}); a run writes it whole at its end") from None
+    missing = [k for k in REQUIRED if k not in r] if isinstance(r, dict) else list(REQUIRED)
+    if missing:
+        raise ResultsError(f"{f}: not a vitbench results.json (no {', '.join(missing)})")
+    return r
 
 
 def device_short_name(env: dict) -> str:
@@ -70,6 +81,13 @@ def num(value, digits: int = 0, unit: str = "") -> str:
     return "/" if value is None else f"{value:.{digits}f}{unit}"
 
 
+def sig(value, unit: str = "") -> str:
+    """A figure with at least 3 significant digits (5.85, 0.123; 5109 stays whole); "/" when there is none."""
+    if value is None:
+        return "/"
+    return f"{value:.0f}{unit}" if abs(value) >= 100 else f"{float(f'{value:.3g}'):g}{unit}"
+
+
 def efficiency(rate: float | None, devices: int, base_rate: float | None, base_devices: int = 1) -> float | None:
     """Scaling efficiency: RATE on DEVICES against BASE_RATE on BASE_DEVICES scaled linearly (1.0 = linear)."""
     if not rate or not base_rate:
@@ -82,13 +100,43 @@ def partly_evaluated(r: dict) -> bool:
     return r.get("final_acc1") is not None and r.get("eval_samples", 0) < r.get("val_num_samples", 0)
 
 
+def stopped_early(r: dict) -> str | None:
+    """Why a finished run ended before its recipe's end (--max-steps), or None: its final_acc1 is not the
+    recipe's. A run that reached its target accuracy, or was interrupted (marked apart), is not this."""
+    plan = r.get("plan") or {}
+    recipe_steps = (plan.get("recipe") or {}).get("epochs", 0) * plan.get("steps_per_epoch", 0)
+    if r.get("interrupted") or r.get("reached_target") or not recipe_steps:
+        return None
+    if r.get("global_step", recipe_steps) < recipe_steps:
+        return (f"stopped by --max-steps at step {r['global_step']} of the recipe's {recipe_steps} "
+                f"({plan['recipe']['epochs']} epochs): its figures are not a whole recipe's")
+    return None
+
+
+def zero_label(r: dict) -> str:
+    """The ZeRO stage that ran, and the one asked for where the Plan ran another (one process runs ZeRO-0)."""
+    ran, asked = r.get("zero_stage"), zero_stage(r)
+    if ran is None:
+        return ""
+    return f" ZeRO-{ran}" + (f" (asked {asked})" if asked != ran else "")
+
+
 def table_row(r: dict, lang: str = "zh") -> list:
     acc = num(r.get("final_acc1"), 3) + ("*" if partly_evaluated(r) else "")
-    label = config_label(r, lang) + (f" ZeRO-{zero_stage(r)}" if zero_stage(r) is not None else "")
+    label = config_label(r, lang) + zero_label(r)
     if r.get("interrupted"):
         label += " †"
-    return [label, r["precision"], fix_hp_text(r.get("fix_hp", {})), num(r.get("e2e_time")),
-            num(r.get("p_whole")), num(r.get("p_train")), num(r.get("p_core")), acc, r.get("mem") or "/"]
+    elif stopped_early(r):
+        label += " ‡"
+    return [label, r["precision"], fix_hp_text(r.get("fix_hp", {})), sig(r.get("e2e_time")),
+            sig(r.get("p_whole")), sig(r.get("p_train")), sig(r.get("p_core")), acc, r.get("mem") or "/"]
+
+
+def numeric_row(r: dict) -> list:
+    """table_row's figures as numbers (None where absent), for W&B's table (WANDB_COLUMNS)."""
+    return [config_label(r, "en") + zero_label(r), r["precision"], fix_hp_text(r.get("fix_hp", {})),
+            *(r.get(k) for k in ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem_used_gib",
+                                 "mem_total_gib"))]
 
 
 def zero_stage(r: dict):
@@ -127,23 +175,27 @@ def _workload(r: dict) -> tuple:
 
 def scaling_efficiency(results: list[dict]) -> list[str]:
     """p_train per device against the 1x1 row of the same work (everything in `describe` but the layout),
-    where there is one."""
+    for rows on several devices that have one; that 1x1 row says "base". No baseline, no figure."""
     base = {}
-    for r in results:
+    for i, r in enumerate(results):
         if r["world_size"] == 1 and r.get("p_train"):
-            base.setdefault(_workload(r), r["p_train"])
-    out = []
+            base.setdefault(_workload(r), (i, r["p_train"]))
+    out, used = [], set()
     for r in results:
-        e = efficiency(r.get("p_train"), r["world_size"], base.get(_workload(r)))
+        i, rate = base.get(_workload(r), (None, None))
+        e = efficiency(r.get("p_train"), r["world_size"], rate) if r["world_size"] > 1 else None
         out.append(num(100 * e if e is not None else None, 1, "%"))
-    return out
+        if e is not None:
+            used.add(i)
+    return ["base" if i in used else e for i, e in enumerate(out)]
 
 
-def markdown_table(results: list[dict], lang: str = "zh") -> str:
+def markdown_table(results: list[dict], lang: str = "zh", problems: list[str] = ()) -> str:
+    """The seed's table; PROBLEMS: run folders left out (one line each), as footnotes."""
     cols = list(COLUMNS[lang])
     rows = [table_row(r, lang) for r in results]
     eff = scaling_efficiency(results)
-    if any(e != "/" for e in eff):
+    if any(e not in ("/", "base") for e in eff):
         cols.append("scaling" if lang == "en" else "扩展效率")
         rows = [row + [e] for row, e in zip(rows, eff)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
@@ -154,6 +206,8 @@ def markdown_table(results: list[dict], lang: str = "zh") -> str:
     notes += [f"† {config_label(r, lang)} {r['precision']}: interrupted at step {r.get('global_step')} (a preemption "
               "or stop signal); its figures cover the steps so far, resume it with --resume auto"
               for r in results if r.get("interrupted")]
+    notes += [f"‡ {config_label(r, lang)} {r['precision']}: {stopped_early(r)}" for r in results if stopped_early(r)]
+    notes += [f"left out: {problem}" for problem in problems]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

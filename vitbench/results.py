@@ -18,6 +18,10 @@ Keys (figures in images/s, seconds and GiB; None where a run did not produce one
   replica_checksums                                every rank's weights digest (ZeRO 0-2): all equal
   evals [{epoch, step, acc1, acc5, loss, samples}]  every evaluation
   environment, config, plan                        the machine, the flags, and every decision (Plan.to_json)
+  checkpoint_time, checkpoint_max_s                every save of this launch (periodic, preemption, final), s;
+                                                   the longest one (size SLURM's --signal lead from it)
+  checkpoints [{step, seconds, bytes}]             each save
+  checkpoint_time_in_train_window                  the periodic saves inside the train window (out of p_train)
   compile_s                                        with --compile: the first step's extra time
   deepspeed_throughput_timer                       with --deepspeed-throughput-timer: DeepSpeed's figure
   (plus the profiler's other timing keys: vitbench.profiler.StepProfiler.summary)
@@ -26,9 +30,14 @@ Keys (figures in images/s, seconds and GiB; None where a run did not produce one
 from __future__ import annotations
 
 from vitbench import metrics as M
-from vitbench.reporting import COLUMNS, num, table_row
+from vitbench.reporting import WANDB_COLUMNS, num, numeric_row
 
 RESULTS_FILE = "results.json"
+# The unit of each figure, written into every results.json ("units") so a reader needs no code.
+UNITS = {"e2e_time": "s", "p_whole": "img/s", "p_train": "img/s", "p_core": "img/s", "*_steady": "img/s",
+         "final_acc1": "% top-1", "final_acc5": "% top-5", "val_loss": "nats (cross-entropy)", "mem": "GiB used/total",
+         "mem_*_gib": "GiB", "*_time": "s", "checkpoint_max_s": "s", "checkpoints.bytes": "bytes",
+         "compile_s": "s", "nccl_busbw_gbps": "GB/s"}
 SUMMARY_KEYS = ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "final_acc5", "val_loss", "mem_used_gib",
                 "mem_total_gib", "p_whole_steady", "p_train_steady", "p_core_steady")
 
@@ -36,7 +45,7 @@ SUMMARY_KEYS = ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "final
 def build(*, plan, run_name: str, global_step: int, resumed_from_step: int, epochs_done: int, interrupted: bool,
           evals: list[dict], reached_target: bool, train_skipped: int, e2e_time: float, timing: dict,
           precision_in_effect: dict, replica_checksums: list | None, environment: dict, config: dict,
-          deepspeed_throughput_timer: dict | None = None) -> dict:
+          checkpoint_saves: list[dict] = (), deepspeed_throughput_timer: dict | None = None) -> dict:
     """results.json of a run made by PLAN (vitbench.plan.Plan); TIMING: StepProfiler.summary()."""
     final = evals[-1] if evals else None
     results = {
@@ -50,10 +59,12 @@ def build(*, plan, run_name: str, global_step: int, resumed_from_step: int, epoc
         "val_loss": final[M.VAL_LOSS] if final else None, "reached_target": reached_target,
         "skipped_corrupt": {"train": train_skipped, "validation": final["skipped"] if final else 0},
         "e2e_time": e2e_time, **timing,
+        "checkpoint_time": sum(c["seconds"] for c in checkpoint_saves), "checkpoints": list(checkpoint_saves),
+        "checkpoint_max_s": max((c["seconds"] for c in checkpoint_saves), default=None),
         "mem": f"{timing['mem_used_gib']:.1f}/{timing['mem_total_gib']:.1f}" if "mem_used_gib" in timing else None,
         "fix_hp": plan.fix_hp, "nccl_busbw_gbps": plan.measurement.nccl_busbw_gbps,
         "precision_in_effect": precision_in_effect, "replica_checksums": replica_checksums,
-        "evals": evals, "environment": environment, "config": config, "plan": plan.to_json(),
+        "evals": evals, "environment": environment, "config": config, "plan": plan.to_json(), "units": UNITS,
     }
     if plan.measurement.compile:  # reported apart; the steady figures leave it out, FlagPerf's whole windows keep it
         results["compile_s"] = timing.get("first_step_extra_s")
@@ -68,8 +79,8 @@ def summary(results: dict) -> dict:
 
 
 def table(results: dict) -> tuple[list, list]:
-    """(columns, row) of the report's table for this run, in English (W&B)."""
-    return list(COLUMNS["en"]), table_row(results, "en")
+    """(columns, row) of the report's table for this run, figures as numbers (W&B's table sorts and plots them)."""
+    return list(WANDB_COLUMNS), numeric_row(results)
 
 
 def headline(results: dict) -> str:

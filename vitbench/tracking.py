@@ -135,9 +135,9 @@ class Tracker:
             self._guard("log", self.run.log, {f"{EVAL_PREFIX}{EPOCH}": epoch,
                                               **{f"{EVAL_PREFIX}{k}": v for k, v in row.items()}})
 
-    def log_event(self, kind: str, step: int) -> None:
-        """A point in the run's timeline (a checkpoint save): metrics.jsonl only."""
-        self._write(kind, step, {})
+    def log_event(self, kind: str, step: int, row: dict | None = None) -> None:
+        """A point in the run's timeline (a checkpoint save, with its cost): metrics.jsonl only."""
+        self._write(kind, step, dict(row or {}))
 
     def abort(self) -> None:
         """The run ended with an error: close metrics.jsonl, mark the W&B run failed (no-op after finish)."""
