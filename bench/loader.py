@@ -94,12 +94,13 @@ def main():
     if args.per_class * len(demo.PHOTOS) < args.images + (skip + 1) * args.batch_size:
         p.error("--per-class too small: ImageFolder's epoch must outlast the skipped and the timed batches")
     train = shardformat.load_split(shards_dir, "train")
-    uint8_tf = transforms.train_transform(args.img_size, "rand-m9-mstd0.5")  # what train_vit.py's workers run
-    from timm.data import create_transform
+    uint8_tf = transforms.train_transform(args.img_size, transforms.FLAGPERF_POLICY)  # what train_vit.py's workers run
+    from torchvision import transforms as T
 
-    # torchvision's reference pipeline: float32 normalized in the worker (what ours did before uint8)
-    float_tf = create_transform(args.img_size, is_training=True, auto_augment="rand-m9-mstd0.5",
-                                interpolation="bilinear", re_prob=0.0, mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD)
+    # torchvision's reference pipeline: the same augmentation, float32 normalized in the worker (what ours did
+    # before uint8)
+    float_tf = T.Compose([uint8_tf, T.ConvertImageDtype(torch.float32),
+                          T.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)])
     steps = args.images // args.batch_size + skip + 2
 
     def ours(transform, repeats=1):

@@ -45,7 +45,7 @@ def main():
     os.environ.update(s3.env)
     skip = 2 * args.workers + 4
     steps = args.images // args.batch_size + skip + 2
-    tf = transforms.train_transform(args.img_size, "rand-m9-mstd0.5")
+    tf = transforms.train_transform(args.img_size, transforms.FLAGPERF_POLICY)
 
     def measure(where):
         """img/s, and the CPU seconds this process spent meanwhile: the servers' threads (and the batch hand-over,

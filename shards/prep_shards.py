@@ -48,6 +48,10 @@ def main(argv=None) -> int:
                    help="re-encode (JPEG q90) images whose longer side exceeds this; others stay byte-identical")
     p.add_argument("--class-index", type=Path, default=None,
                    help="fixed class mapping: JSON {wnid: index} or one wnid per line (default: sorted folders)")
+    p.add_argument("--val-labels", type=Path, default=None,
+                   help="SRC is a flat folder (ILSVRC2012's validation set as distributed): its labels, from the "
+                        "devkit folder (ILSVRC2012_devkit_t12, read with its data/meta.mat), Kaggle's "
+                        "LOC_val_solution.csv, or a text file of '<image> <wnid>' lines; nothing is moved")
     p.add_argument("--verify", action="store_true",
                    help="check existing shards against _info.json (counts, sha256) instead of writing")
     p.add_argument("--dali-index", action="store_true",
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
     try:
         entry = prepare(args.src, args.out, args.split, name=args.name, shard_size=args.shard_size,
                         workers=args.workers, seed=args.seed, max_side=args.max_side,
-                        class_index=args.class_index)
+                        class_index=args.class_index, val_labels=args.val_labels)
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,9 +19,10 @@ def loader(shards, *, batch_size=6, rank=0, world_size=1, repeats=1, aa=None, se
                                        seed=seed, repeats=repeats, device=CPU)
 
 
-def test_batches_are_the_default_loaders_uint8_and_repeat_each_image_augmented_apart(demo_shards):
+@pytest.mark.parametrize("aa", ["ra", "rand-m9-mstd0.5"])  # FlagPerf's (torchvision's bins), timm's mapped
+def test_batches_are_the_default_loaders_uint8_and_repeat_each_image_augmented_apart(demo_shards, aa):
     train = shardformat.load_split(demo_shards, "train")
-    batch = next(loader(train, repeats=3, aa="rand-m9-mstd0.5").batches(1))
+    batch = next(loader(train, repeats=3, aa=aa).batches(1))
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (6, 3, 32, 32)
     assert all(0 <= int(y) < train.num_classes for y in batch["labels"]) and batch["skipped"] == 0
     keys = batch["keys"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from vitbench.errors import UserError
-from vitbench.files import fsync, fsync_tree
+from vitbench.files import fsync, fsync_tree, loads
 
 MARKER = "COMPLETE"
 UNIVERSAL = "universal"  # subfolder of a checkpoint: its DeepSpeed-universal conversion
@@ -62,7 +62,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def read_marker(path: Path) -> dict | None:
     """The checkpoint's marker, or None when it cannot be read."""
     try:
-        meta = json.loads((Path(path) / MARKER).read_text())
+        meta = loads((Path(path) / MARKER).read_text())
         return meta if isinstance(meta, dict) else None
     except (OSError, ValueError):
         return None
@@ -125,7 +125,7 @@ def resolve_resume(resume: str, root: Path, log=print) -> Path | None:
 
 def _results(out_dir: Path) -> dict | None:
     try:
-        r = json.loads((Path(out_dir) / "results.json").read_text())
+        r = loads((Path(out_dir) / "results.json").read_text())
         return r if isinstance(r, dict) else None
     except (OSError, ValueError):
         return None

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
-import json
 import os
 from pathlib import Path
 
 from vitbench.errors import UserError
+from vitbench.files import loads
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -44,7 +44,7 @@ def _merge_section(path: Path, key: str, theirs, wanted: dict, label: str) -> di
 
 def _read(path: Path) -> dict:
     try:
-        cfg = json.loads(Path(path).read_text())
+        cfg = loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: DeepSpeed config not found") from None
     except ValueError as e:

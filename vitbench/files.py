@@ -8,6 +8,15 @@ import os
 from pathlib import Path
 
 
+def loads(text: str | bytes):
+    """json.loads for files anyone may have written: nesting too deep for the parser (a RecursionError) is a
+    ValueError like any other malformed JSON, so every reader's one-line error catches it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """PATH holds OBJ, or what it held before: written beside it, flushed to disk, then renamed over it."""
     path = Path(path)

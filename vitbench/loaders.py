@@ -81,7 +81,7 @@ def build(spec: LoaderSpec, shards: ShardSet, *, rank: int, world_size: int, see
                                            world_size=world_size, threads=spec.workers, seed=seed + 1000 * step,
                                            repeats=spec.repeats, device=device)
     return wds_loader.WdsTrainLoader(wds_loader.train_loader(
-        shards, train_transform(spec.img_size, AugmentPolicy.parse(spec.auto_augment)), spec.batch_size,
+        shards, train_transform(spec.img_size, spec.auto_augment), spec.batch_size,
         (steps_per_epoch - step_in_epoch) * grad_accum, rank=rank, world_size=world_size, workers=spec.workers,
         seed=seed, epoch=epoch, resume_step=step_in_epoch, repeats=spec.repeats,
         steps_per_epoch=steps_per_epoch * grad_accum, pin_memory=device.type == "cuda"),

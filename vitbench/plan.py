@@ -25,7 +25,7 @@ from vitbench.profiler import peak_tflops
 from vitbench.runinfo import MachineFacts, layout
 from vitbench.shardformat import ShardSet, load_split, read_info
 from vitbench.tracking import TrackingSpec
-from vitbench.transforms import AugmentPolicy, describe, train_transform
+from vitbench.transforms import describe, train_transform
 
 MAX_DEFAULT_WORKERS = 16  # JPEG decoding needs many cores per GPU (FlagPerf uses 16)
 # timm create_model arguments that flags own: setting them through --model-kwargs would contradict a flag.
@@ -248,7 +248,7 @@ def _recipe(args, steps_per_epoch: int, img_size: int) -> Recipe:
                   warmup_steps=warmup_steps, warmup_lr=lr * args.warmup_lr_factor,
                   decay_steps=max(1, args.epochs * steps_per_epoch - warmup_steps), min_lr=args.min_lr, loss=loss,
                   smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, auto_augment=args.aa,
-                  train_transform=describe(train_transform(img_size, AugmentPolicy.parse(args.aa))), seed=args.seed)
+                  train_transform=describe(train_transform(img_size, args.aa)), seed=args.seed)
 
 
 def _measurement(args, machine: MachineFacts, precision: PrecisionSpec) -> Measurement:

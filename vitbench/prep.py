@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitbench.errors import UserError
-from vitbench.files import writable_problem, write_json_atomic
+from vitbench.files import loads, writable_problem, write_json_atomic
 from vitbench.remote import open_file, parse
 from vitbench.shardformat import INFO_FILE, DataError, check_shard_name, parse_info, split_member
 
@@ -62,10 +62,13 @@ def read_class_index(path: Path) -> dict[str, int]:
     """`--class-index`: a JSON object {wnid: index} or a text file with one wnid per line."""
     if not path.is_file():
         raise PrepError(f"{path}: class-index file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise PrepError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".json":
         try:
-            mapping = json.loads(text)
+            mapping = loads(text)
         except ValueError as e:
             raise PrepError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(mapping, dict):
@@ -88,40 +91,116 @@ def check_class_index(mapping: dict, path: Path) -> dict[str, int]:
     return out
 
 
-def scan_sources(src: Path, class_index: dict[str, int] | None = None) -> tuple[list[Source], list[str]]:
-    """List every image of an ImageFolder tree; returns (sources sorted by path, class names by index)."""
+def scan_sources(src: Path, class_index: dict[str, int] | None = None,
+                 labels: dict[str, str] | None = None) -> tuple[list[Source], list[str]]:
+    """List every image of an ImageFolder tree, or of a flat folder whose files LABELS ({file stem: wnid},
+    read_val_labels) names; returns (sources sorted by path, class names by index)."""
     if not src.exists():
         raise PrepError(f"{src}: source directory does not exist")
     if not src.is_dir():
         raise PrepError(f"{src}: source is not a directory")
-    class_dirs = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise PrepError(f"{src}: no class folders (expected SRC/<wnid>/<image>, as ILSVRC2012 is laid out)")
+    found = _labelled_files(src, labels) if labels is not None else _class_folder_files(src)
+    wnids = sorted({wnid for _, wnid, _ in found})
     if class_index is None:
-        class_index = {d.name: i for i, d in enumerate(class_dirs)}
-    unknown = [d.name for d in class_dirs if d.name not in class_index]
+        class_index = {wnid: i for i, wnid in enumerate(wnids)}
+    unknown = [w for w in wnids if w not in class_index]
     if unknown:
-        raise PrepError(f"{src}: class folders not in the class index: {', '.join(unknown[:10])}")
+        raise PrepError(f"{src}: classes not in the class index: {', '.join(unknown[:10])}")
     classes = [""] * (max(class_index.values()) + 1)
     for wnid, idx in class_index.items():
         classes[idx] = wnid
+    stems_unique = len({stem for _, _, stem in found}) == len(found)
+    keys = [stem if stems_unique else f"{wnid}_{stem}" for _, wnid, stem in found]
+    sources = [Source(path=rel, wnid=wnid, cls=class_index[wnid], key=key)
+               for (rel, wnid, _), key in zip(found, unique_keys(keys, [rel for rel, _, _ in found]))]
+    return sources, classes
 
-    found = []
-    for d in class_dirs:
-        for f in sorted(d.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                found.append((f"{d.name}/{f.name}", d.name, _KEY_UNSAFE.sub("_", f.stem)))
+
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under ROOT, in nested folders too, sorted; hidden files and folders left out."""
+    return [f for f in sorted(root.rglob("*"))
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)]
+
+
+def _class_folder_files(src: Path) -> list[tuple[str, str, str]]:
+    """(path under SRC, wnid, key stem) of SRC/<wnid>/**/<image>."""
+    class_dirs = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise PrepError(f"{src}: no class folders (expected SRC/<wnid>/<image>, as ILSVRC2012's train set is laid "
+                        "out; a flat folder such as its validation set needs --val-labels)")
+    found = [(f"{d.name}/{f.relative_to(d).as_posix()}", d.name, _KEY_UNSAFE.sub("_", f.stem))
+             for d in class_dirs for f in _visible_files(d)]
     if not found:
         raise PrepError(f"{src}: the class folders hold no files")
     empty = [d.name for d in class_dirs if not any(wnid == d.name for _, wnid, _ in found)]
     if empty:
         raise PrepError(f"{src}: class folder(s) with no files: {', '.join(empty[:10])}; a class without images "
                         "cannot be trained or evaluated: remove the folder or fill it")
-    stems_unique = len({stem for _, _, stem in found}) == len(found)
-    keys = [stem if stems_unique else f"{wnid}_{stem}" for _, wnid, stem in found]
-    sources = [Source(path=rel, wnid=wnid, cls=class_index[wnid], key=key)
-               for (rel, wnid, _), key in zip(found, unique_keys(keys, [rel for rel, _, _ in found]))]
-    return sources, classes
+    return found
+
+
+def _labelled_files(src: Path, labels: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(path under SRC, wnid, key stem) of the files of a flat folder, each labelled by its stem."""
+    files = _visible_files(src)
+    if not files:
+        raise PrepError(f"{src}: holds no files")
+    unlabelled = [f.relative_to(src).as_posix() for f in files if f.stem not in labels]
+    if unlabelled:
+        raise PrepError(f"{src}: {len(unlabelled)} file(s) have no label in --val-labels (first: {unlabelled[0]}); "
+                        "every image must be labelled, or moved out of the folder")
+    return [(f.relative_to(src).as_posix(), labels[f.stem], _KEY_UNSAFE.sub("_", f.stem)) for f in files]
+
+
+VAL_PREFIX = "ILSVRC2012_val_"
+
+
+def read_val_labels(path: Path) -> dict[str, str]:
+    """`--val-labels`: {image file stem: wnid} for a flat validation folder, from ILSVRC2012's devkit folder
+    (data/meta.mat + data/ILSVRC2012_validation_ground_truth.txt: the N-th label is ILSVRC2012_val_<N>'s, as an
+    ILSVRC2012_ID that meta.mat maps to a wnid), Kaggle's LOC_val_solution.csv (ImageId,PredictionString whose
+    first word is the wnid), or a text file of `<image> <wnid>` lines."""
+    path = Path(path)
+    if path.is_dir():
+        return _devkit_labels(path)
+    if not path.is_file():
+        raise PrepError(f"{path}: --val-labels not found (a devkit folder, LOC_val_solution.csv or a text file)")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise PrepError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    labels = {}
+    for n, line in enumerate(lines, 1):
+        parts = line.replace(",", " ").split()
+        if not parts or (n == 1 and parts[0] == "ImageId"):  # blank, or Kaggle's header
+            continue
+        if len(parts) < 2 or not _CLASS_NAME.fullmatch(parts[1]):
+            raise PrepError(f"{path}: line {n} is not `<image> <wnid>`: {line[:80]!r}")
+        labels[Path(parts[0]).stem] = parts[1]
+    if not labels:
+        raise PrepError(f"{path}: holds no `<image> <wnid>` line")
+    return labels
+
+
+_CLASS_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a wnid (n01440764) or any class folder name
+
+
+def _devkit_labels(devkit: Path) -> dict[str, str]:
+    meta, truth = devkit / "data" / "meta.mat", devkit / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    for f in (meta, truth):
+        if not f.is_file():
+            raise PrepError(f"{devkit}: not an ILSVRC2012 devkit folder (no {f.relative_to(devkit)})")
+    from scipy.io import loadmat
+
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+        ids = [int(line) for line in truth.read_text().split()]
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
+        raise PrepError(f"{devkit}: cannot read its labels ({type(e).__name__}: {e})") from None
+    missing = sorted({i for i in ids if i not in id_to_wnid})
+    if missing:
+        raise PrepError(f"{truth}: ILSVRC2012_ID {missing[0]} is not a leaf class of {meta}")
+    return {f"{VAL_PREFIX}{n:08d}": id_to_wnid[i] for n, i in enumerate(ids, 1)}
 
 
 # WebDataset keys end at the first dot and name tar members: letters, digits, '_' and '-' only.
@@ -182,6 +261,16 @@ def _encode_image(data: bytes, max_side: int | None) -> tuple[bytes, int, int]:
     return data, w, h
 
 
+def skip_reason(e: Exception) -> str:
+    """Why an input file was skipped, in words: PIL names the in-memory buffer it read (`<_io.BytesIO object at
+    0x...>`), which says nothing to the reader of _info.json."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image PIL can read (cannot identify the image format)"
+    return f"{type(e).__name__}: " + re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(e))
+
+
 def write_shard(src: str, out: str, shard_name: str, members: list[Source], max_side: int | None,
                 fingerprint: str) -> dict:
     """Worker: write one shard atomically and its completion record. Returns the record."""
@@ -213,7 +302,7 @@ def _write_tar(src: str, tmp: Path, members: list[Source], max_side: int | None,
                     data = (Path(src) / s.path).read_bytes()
                     data, w, h = _encode_image(data, max_side)
                 except Exception as e:  # undecodable, truncated or unreadable: skip, never abort
-                    skipped.append({"path": s.path, "reason": f"{type(e).__name__}: {e}"})
+                    skipped.append({"path": s.path, "reason": skip_reason(e)})
                     continue
                 meta = {"path": s.path, "wnid": s.wnid, "width": w, "height": h}
                 tw.write({"__key__": s.key, "jpg": data, "cls": str(s.cls).encode(),
@@ -230,7 +319,7 @@ def completed_record(out: Path, shard_name: str, fingerprint: str) -> dict | Non
     if not (rec_path.is_file() and shard.is_file()):
         return None
     try:
-        rec = json.loads(rec_path.read_text())
+        rec = loads(rec_path.read_text())
     except (OSError, ValueError):
         return None
     if rec.get("fingerprint") != fingerprint or rec.get("bytes") != shard.stat().st_size:
@@ -263,12 +352,14 @@ def digest_and_count(path_or_url: str) -> tuple[str, int]:
 
 def prepare(src: Path, out: Path, split: str, name: str = "imagenet1k", shard_size: int = DEFAULT_SHARD_SIZE,
             workers: int | None = None, seed: int = 0, max_side: int | None = None,
-            class_index: Path | None = None, progress: bool = True) -> dict:
-    """Build (or finish building) the shards of one split; returns the split's `_info.json` entry."""
+            class_index: Path | None = None, val_labels: Path | None = None, progress: bool = True) -> dict:
+    """Build (or finish building) the shards of one split; returns the split's `_info.json` entry. VAL_LABELS:
+    SRC is a flat folder labelled by that file (read_val_labels), e.g. ILSVRC2012's validation set."""
     src, out = Path(src), Path(out)
     if shard_size < 1:
         raise PrepError(f"--shard-size must be >= 1, got {shard_size}")
-    sources, classes = scan_sources(src, read_class_index(class_index) if class_index else None)
+    sources, classes = scan_sources(src, read_class_index(class_index) if class_index else None,
+                                    read_val_labels(val_labels) if val_labels else None)
     info_path = out / INFO_FILE
     info = read_info(info_path, name)
     if info.get("classes") not in (None, classes):
@@ -331,19 +422,26 @@ def _prepare(src, out, split, name, shard_size, workers, seed, max_side, sources
                 raise
     bar.close()
 
+    skipped = [s for n in names for s in records[n]["skipped"]]
+    # A shard none of whose images could be read is an empty tar: removed with its record (a re-run tries its
+    # images again), never listed; its files stay listed as skipped.
+    for n in [n for n in names if not records[n]["num_samples"]]:
+        (out / n).unlink(missing_ok=True)
+        (out / ".prep" / f"{n}.json").unlink(missing_ok=True)
+        del records[n]
+    names = [n for n in names if n in records]
     ordered = [records[n] for n in names]
-    if not sum(r["num_samples"] for r in ordered):
-        skipped = [s for r in ordered for s in r["skipped"]]
+    if not ordered:
         first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
         raise PrepError(f"{src}: no readable image among {len(skipped)} file(s){first}; nothing was listed in "
-                        f"{info_path}")
+                        f"{info_path} and no shard was left behind")
     entry = {
         "name": split,
         "num_samples": sum(r["num_samples"] for r in ordered),
         "filenames": names,
         "shard_lengths": [r["num_samples"] for r in ordered],
         "sha256": [r["sha256"] for r in ordered],
-        "skipped": [s for r in ordered for s in r["skipped"]],
+        "skipped": skipped,
         "seed": seed,
         "max_side": max_side,
     }
@@ -362,7 +460,7 @@ def verify(out: str | Path, split: str) -> list[str]:
     info_path = location.join(INFO_FILE)
     try:
         with open_file(info_path) as f:
-            info = json.loads(f.read())
+            info = loads(f.read())
         entry = info["splits"][split]
         rows = list(zip(entry["filenames"], entry["shard_lengths"], entry["sha256"], strict=True))
     except FileNotFoundError:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vitbench import metrics as M
 from vitbench.errors import UserError
+from vitbench.files import loads
 
 # The seed's columns, with their units (results.json's figures are in the same units: results.UNITS).
 _FIGURES = ["e2e_time (s)", "p_whole (img/s)", "p_train (img/s)", "p_core (img/s)", "final_acc1 (%)",
@@ -45,7 +46,7 @@ def _load_one(p: Path) -> dict:
     if not f.is_file():
         raise ResultsError(f"{f}: no results.json (did the run finish?)")
     try:
-        r = json.loads(f.read_text())
+        r = loads(f.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ResultsError(f"{f}: not readable JSON ({e}); a run writes it whole at its end") from None
     missing = [k for k in REQUIRED if k not in r] if isinstance(r, dict) else list(REQUIRED)

@@ -10,13 +10,13 @@ what a tar member name and a label mean. prep writes it, the WebDataset and DALI
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from vitbench.errors import UserError
+from vitbench.files import loads
 from vitbench.remote import Location, open_file, parse
 
 INFO_FILE = "_info.json"
@@ -86,7 +86,7 @@ class ShardSet:
 
 def parse_info(text: str, info_path) -> dict:
     try:
-        info = json.loads(text)
+        info = loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{info_path}: not valid JSON ({e})") from None
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):

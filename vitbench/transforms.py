@@ -86,9 +86,12 @@ class AugmentPolicy:
 
 # Workers hand uint8 CHW images to the trainer (no float conversion or normalization in the worker, a quarter of
 # the bytes through shared memory); OnDevice normalizes them.
-def train_transform(img_size: int, policy: AugmentPolicy):
+def train_transform(img_size: int, policy: "AugmentPolicy | str | None"):
+    """The worker's transform for a train image; POLICY: --aa's text (or parsed)."""
     from torchvision import transforms as T
 
+    if not isinstance(policy, AugmentPolicy):
+        policy = AugmentPolicy.parse(policy)
     augment = policy.transform(img_size)
     return T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BILINEAR),
                       T.RandomHorizontalFlip(), *([augment] if augment else []), T.PILToTensor()])
