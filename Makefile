@@ -1,5 +1,9 @@
-# make demo : set up (virtual environment + pinned packages), build the demo shards, train on them
-# make test : same set-up, then the whole test suite
+# make setup     : the virtual environment .venv with the pinned packages (again only when requirements.txt changes)
+# make demo      : set-up, the demo shards, a 2-process training run on them, its table (runs/demo/)
+# make test      : set-up, then the whole test suite (what CI runs)
+# make test-fast : set-up, then the tests that launch no training
+# make bench     : set-up, then the loader and profiler-overhead benchmarks (bench/out/)
+# make clean     : remove what demo and bench made (runs/demo, shards/demo, bench/out); nothing else
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -34,5 +38,6 @@ bench: setup
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/profiler_overhead.py
 
+# Only what these targets made: runs/ is also the default home of real runs (runs/<run-name>), never removed here.
 clean:
-	rm -rf runs shards/demo bench/out
+	rm -rf runs/demo shards/demo shards/.demo.lock .demo.lock bench/out

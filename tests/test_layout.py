@@ -73,3 +73,28 @@ def test_every_flag_is_typed_in_flags():
     dests = {a.dest for a in cli.build_parser()._actions if a.dest != "help"}
     assert dests <= set(cli.Flags.__annotations__)
     assert set(cli.Flags.__annotations__) - dests == {"fix_hp"}
+
+
+def test_make_clean_removes_only_what_the_demo_and_benches_made(tmp_path):
+    import shutil
+    import subprocess
+
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    made = ["runs/demo/results.json", "shards/demo/_info.json", "bench/out/x.json"]
+    users = ["runs/vit_base_1x8_amp/results.json", "runs/vit_base_1x8_amp/checkpoints/step_1/x", "shards/prep_shards.py",
+             "shards/imagenet/_info.json"]
+    for rel in made + users:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True)
+    assert [rel for rel in made if (tmp_path / rel).exists()] == []
+    assert [rel for rel in users if not (tmp_path / rel).exists()] == []
+
+
+def test_every_makefile_target_is_in_the_readme():
+    import re
+
+    targets = re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.M)
+    readme = (REPO / "README.md").read_text()
+    assert set(targets) >= {"setup", "demo", "test", "test-fast", "bench", "clean"}
+    assert [t for t in targets if f"make {t}" not in readme] == []
