@@ -24,9 +24,10 @@ $(STAMP): requirements.txt
 
 demo: setup
 	$(BIN)/python -m vitbench.demo
-	WANDB_MODE=offline $(BIN)/accelerate launch --config_file accelerate_configs/cpu_1x2.yaml train_vit.py --demo \
+	WANDB_MODE=offline $(BIN)/accelerate launch --config_file accelerate_configs/cpu_1x2.yaml train_vit.py --demo --vendor cpu \
 	    --output-dir runs/demo --resume auto
 	$(BIN)/python report.py runs/demo --lang en --out runs/demo/report
+	$(BIN)/python report.py runs/demo --vendor-readme > runs/demo/report/README.seed.md && echo "wrote runs/demo/report/README.seed.md"
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -5,13 +5,15 @@
     python report.py runs/*/ --lang en --plots out/  # English headers, PNG charts
     python report.py runs/*/ --out study/            # study/report.md: table, scaling, precision x ZeRO,
                                                      # step timelines, environments, and their PNGs
+    python report.py runs/*/ --vendor-readme        # the seed's whole README (硬件环境, 软件环境, 通用指标,
+                                                     # 性能指标) for one vendor profile's runs
     python report.py --wandb-workspace ENTITY/PROJECT  # save the standard W&B dashboard (online)
 """
 import argparse
 import sys
 from pathlib import Path
 
-from vitbench import reporting, study
+from vitbench import reporting, seed_readme, study
 from vitbench.errors import EXIT_USER_ERROR, UserError, one_line
 
 
@@ -22,6 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--plots", type=Path, default=None, help="write throughput.png and breakdown.png here")
     p.add_argument("--out", type=Path, default=None,
                    help="write report.md and its PNGs here (from results.json and metrics.jsonl)")
+    p.add_argument("--vendor-readme", action="store_true",
+                   help="print the seed's whole README for these runs of one --vendor profile instead of the table")
     p.add_argument("--wandb-workspace", metavar="ENTITY/PROJECT", default=None,
                    help="save a W&B workspace with the standard panels")
     args = p.parse_args(argv)
@@ -42,7 +46,8 @@ def publish(args) -> None:
         if not results:
             raise reporting.ResultsError(problems[0] if len(problems) == 1 else
                                          f"none of the {len(problems)} runs has a readable results.json: {problems[0]}")
-        sys.stdout.write(reporting.markdown_table(results, args.lang, problems))
+        sys.stdout.write(seed_readme.write(results, args.lang) if args.vendor_readme else
+                         reporting.markdown_table(results, args.lang, problems))
         if args.plots:
             for path in reporting.plots(results, args.plots):
                 print(f"wrote {path}")

@@ -32,7 +32,6 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
-from deepspeed.accelerator import get_accelerator
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
@@ -40,11 +39,13 @@ from timm.scheduler import CosineLRScheduler
 from vitbench import lifecycle, loaders, precision, results
 from vitbench import metrics as M
 from vitbench.checkpoint import CheckpointManager
+from vitbench.device import Device
 from vitbench.evaluator import Evaluator
 from vitbench.files import write_json_atomic
 from vitbench.guard import DivergenceGuard
 from vitbench.loaders import TrainLoader
 from vitbench.metrics import DeviceMemoryMonitor
+from vitbench.monitor import HardwareMonitor, combine, probe_sensors
 from vitbench.plan import LOSSES, Plan
 from vitbench.profiler import StepProfiler, TraceWindow, train_flops_per_sample
 from vitbench.runinfo import environment
@@ -133,8 +134,10 @@ class TrainState:
 # Set-up: the Plan's objects
 # ------------------------------------------------------------------------------------------------
 def setup(plan: Plan) -> "Run":
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=plan.ds_config), kwargs_handlers=handlers,
+    os.environ.update(plan.vendor_env)  # a vendor profile's NCCL_*/HCCL_*/... variables, before the process group
+    device_layer = Device()  # the accelerator, through DeepSpeed's accelerator API: backend, events, memory
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=plan.ds_config),
+                              kwargs_handlers=[InitProcessGroupKwargs(backend=device_layer.backend)],
                               gradient_accumulation_steps=plan.grad_accum)
     device, rank, recipe = accelerator.device, accelerator.process_index, plan.recipe
     for note in plan.warnings if accelerator.is_main_process else ():
@@ -159,8 +162,10 @@ def setup(plan: Plan) -> "Run":
     loss_fn = {LOSSES[0]: SoftTargetCrossEntropy, LOSSES[1]: lambda: LabelSmoothingCrossEntropy(recipe.smoothing),
                LOSSES[2]: torch.nn.CrossEntropyLoss}[recipe.loss]()
 
-    env = environment(device, REPO)
-    prof, flops = build_profiler(plan, accelerator)
+    env = environment(device_layer, REPO)
+    # power, energy, temperature and utilisation in a background thread (absent sensors recorded as absent)
+    monitor = HardwareMonitor(*probe_sensors(device_layer, accelerator.local_process_index)).start()
+    prof, flops = build_profiler(plan, accelerator, device_layer)
     attn = getattr(getattr(engine.module, "blocks", [None])[0], "attn", None)
     config = {"flops_per_sample": flops, "fused_attn": getattr(attn, "fused_attn", None),
               "optimizer": "vitbench.step.RecipeAdamW (torch fused AdamW; unscale, clip and skip on the device)"}
@@ -172,18 +177,20 @@ def setup(plan: Plan) -> "Run":
                       f"({plan.steps_per_epoch}/epoch), lr {recipe.lr:.3g}, loader {plan.loader.kind}")
     loader = loaders.build(plan.loader, plan.train, rank=rank, world_size=plan.world_size, seed=recipe.seed,
                            epoch=state.epoch, step_in_epoch=state.step_in_epoch, step=state.step,
-                           steps_per_epoch=plan.steps_per_epoch, grad_accum=plan.grad_accum, device=device)
+                           steps_per_epoch=plan.steps_per_epoch, grad_accum=plan.grad_accum, device=device,
+                           pin_memory=device_layer.pins_memory)
     dtype = plan.precision.input_dtype
     val_stream = ValidationStream(plan.val, eval_transform(plan.img_size), plan.evaluation.batch_size, rank,
                                   plan.world_size, plan.loader.workers)
     evaluator = Evaluator(plan.evaluation, val_stream, OnDevice(device, dtype), device=device,
                           total_steps=plan.total_steps, reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
-                          lockstep=plan.zero_stage == 3, img_size=plan.img_size)
+                          lockstep=plan.zero_stage == 3, img_size=plan.img_size, pin_memory=device_layer.pins_memory)
     return Run(
         plan=plan, accelerator=accelerator, engine=engine, optimizer=optimizer, scheduler=scheduler, state=state,
         prof=prof, tracker=tracker, stop=lifecycle.StopRequest(plan.world_size), loader=loader,
         to_train_input=OnDevice(device, dtype, mixup), loss_fn=loss_fn, checkpoints=checkpoints, evaluator=evaluator,
-        run_name=run_name, out_dir=out_dir, run_lock=run_lock, env=env, config=config, resumed_from_step=state.step)
+        run_name=run_name, out_dir=out_dir, run_lock=run_lock, env=env, config=config, resumed_from_step=state.step,
+        monitor=monitor)
 
 
 def build_engine(plan: Plan, accelerator, checkpoints: CheckpointManager):
@@ -213,16 +220,16 @@ def build_engine(plan: Plan, accelerator, checkpoints: CheckpointManager):
     return engine, optimizer, scheduler, state
 
 
-def build_profiler(plan: Plan, accelerator) -> tuple[StepProfiler, float]:
+def build_profiler(plan: Plan, accelerator, device_layer: Device) -> tuple[StepProfiler, float]:
     """The step profiler, and the FLOPs per image it was given (PyTorch's FLOP counter on a meta-device model)."""
     device, measured = accelerator.device, plan.measurement
     flops = train_flops_per_sample(lambda: timm.create_model(plan.model, **plan.model_kwargs), plan.img_size)
-    event_cls = get_accelerator().Event  # None on synchronous devices (CPU): host clock there
     prof = StepProfiler(global_batch=plan.recipe.global_batch_size, world_size=plan.world_size,
-                        warmup_steps=measured.timing_warmup_steps, synchronize=get_accelerator().synchronize,
-                        make_event=(lambda: event_cls(enable_timing=True)) if event_cls else None,
+                        warmup_steps=measured.timing_warmup_steps, synchronize=device_layer.synchronize,
+                        make_event=device_layer.make_event(),  # None on synchronous devices (CPU): host clock
                         reduce_max=lambda values: reduce_max(values, device), flops_per_sample=flops,
-                        peak_tflops_per_device=measured.peak_tflops, memory_probe=DeviceMemoryMonitor(device).probe)
+                        peak_tflops_per_device=measured.peak_tflops,
+                        memory_probe=DeviceMemoryMonitor(device_layer, device).probe)
     return prof, flops
 
 
@@ -265,6 +272,7 @@ class Run:
     env: dict
     config: dict
     resumed_from_step: int
+    monitor: HardwareMonitor
     interrupted: bool = False
     train_skipped: int = 0
     logits_dtype: torch.dtype | None = None
@@ -279,8 +287,10 @@ class Run:
         self.outcome = StepOutcome(self.engine, self.optimizer)
 
     def close(self) -> None:
-        """Stop the train loader; on an error exit, close W&B (a finished run's tracker is closed already)."""
+        """Stop the train loader and the hardware monitor; on an error exit, close W&B (a finished run's tracker is
+        closed already)."""
         self.loader.close()
+        self.monitor.stop()
         self.tracker.abort()
 
     def over(self) -> bool:
@@ -332,6 +342,7 @@ class Run:
             M.GRAD_NORM: float(grad_norm) if (grad_norm := self.outcome.grad_norm()) is not None else None,
             M.LOSS_SCALE: precision.loss_scale(self.engine),
             M.EPOCH: state.epoch + state.step_in_epoch / self.plan.steps_per_epoch,
+            **self.monitor.latest_row(),  # this rank's device: power, temperature, utilisation, clock
         })
         self.loss_sum.zero_()
         self.loss_terms = 0
@@ -340,7 +351,8 @@ class Run:
 
     def save_checkpoint(self) -> None:
         self.check_finite()
-        cost = self.checkpoints.save(self.state.step, self.state.epoch)
+        self.checkpoints.save(self.state.step, self.state.epoch)
+        cost = self.checkpoints.saves[-1]
         self.tracker.log_event("checkpoint", self.state.step, {"seconds": cost["seconds"], "bytes": cost["bytes"]})
 
     def evaluate(self) -> None:
@@ -366,12 +378,16 @@ def finish(run: Run) -> dict:
                           f"{state.step} saved; relaunch with --resume auto --output-dir {run.out_dir}")
     device = accelerator.device
     timer = run.engine.tput_timer if plan.measurement.deepspeed_throughput_timer else None
+    run.monitor.stop()
+    timing = run.prof.summary()
+    hardware = combine(gather_object([run.monitor.summary(run.prof.train_start_t, run.prof.train_end_t)]),
+                       timing["train_samples"], run.monitor.interval_s)
     out = results.build(
         plan=plan, run_name=run.run_name, global_step=state.step, resumed_from_step=run.resumed_from_step,
         epochs_done=state.epoch, interrupted=run.interrupted, evals=run.evaluator.evals,
         reached_target=run.evaluator.reached_target, checkpoint_saves=run.checkpoints.saves,
         train_skipped=int(accelerator.reduce(torch.tensor(run.train_skipped, device=device), reduction="sum").item()),
-        e2e_time=reduce_max([time.time() - psutil.Process().create_time()], device)[0], timing=run.prof.summary(),
+        e2e_time=reduce_max([time.time() - psutil.Process().create_time()], device)[0], timing=timing, hardware=hardware,
         precision_in_effect=precision.in_effect(run.engine, run.logits_dtype),
         replica_checksums=replica_checksums(run.engine, plan.zero_stage), environment=run.env, config=run.config,
         deepspeed_throughput_timer={"samples_per_sec": timer.avg_samples_per_sec(), "start_step": timer.start_step}

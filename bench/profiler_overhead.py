@@ -24,6 +24,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from vitbench import metrics as M  # noqa: E402
+from vitbench.device import Device  # noqa: E402
 from vitbench.profiler import StepProfiler  # noqa: E402
 from vitbench.tracking import Tracker, TrackingSpec  # noqa: E402
 
@@ -54,7 +55,7 @@ def main():
     run_dir = Path(tempfile.mkdtemp(prefix="vitbench-overhead-"))
     tracker = Tracker(TrackingSpec("offline", "vitbench-bench", None, None), enabled=True, run_dir=run_dir,
                       name="overhead", config={})
-    prof = StepProfiler(global_batch=args.batch_size, world_size=1, memory_probe=M.DeviceMemoryMonitor(device).probe)
+    prof = StepProfiler(global_batch=args.batch_size, world_size=1, memory_probe=M.DeviceMemoryMonitor(Device(), device).probe)
     prof.train_start()
     logged = [0]
 

@@ -183,5 +183,8 @@ def test_results_record_the_plans_decisions_and_the_wandb_table_is_the_reports(d
     assert decided["tracking"]["mode"] == "online" and decided["recipe"]["seed"] == 41
     assert (out["final_acc1"], out["eval_samples"], out["mem"]) == (40.0, 50, "1.0/2.0")
     columns, row = results.table(out)
-    assert columns == reporting.COLUMNS["en"] and row == reporting.table_row(out, "en")
+    # W&B's table: the report's columns with their units, the figures as numbers (sortable), memory as two
+    assert columns == reporting.WANDB_COLUMNS and row == reporting.numeric_row(out)
+    assert columns[:8] == reporting.COLUMNS["en"][:8] and row[:3] == reporting.table_row(out, "en")[:3]
+    assert dict(zip(columns, row))["mem used (GiB)"] == 1.0
     assert reporting.describe(out)["batch_size"] == 256  # the report reads the Plan's decisions

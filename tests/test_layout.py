@@ -69,10 +69,21 @@ def test_the_trainer_reads_no_flag_only_the_plan():
     assert not names & {"args", "flags", "argparse"}
 
 
+def test_only_the_device_layer_talks_to_torch_cuda():
+    """Every accelerator goes through vitbench/device.py (DeepSpeed's accelerator API); a `torch.cuda` call
+    anywhere else would make that code CUDA-only (an XPU, NPU or HPU launch would fall back to the CPU's path)."""
+    import re
+
+    offenders = [f"{p.relative_to(REPO)}:{n}" for p in SOURCES if p.name != "device.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"\btorch\.cuda\b|\bfrom torch import cuda\b", line)]
+    assert offenders == []
+
+
 def test_every_flag_is_typed_in_flags():
     dests = {a.dest for a in cli.build_parser()._actions if a.dest != "help"}
     assert dests <= set(cli.Flags.__annotations__)
-    assert set(cli.Flags.__annotations__) - dests == {"fix_hp"}
+    assert set(cli.Flags.__annotations__) - dests == {"fix_hp", "vendor_profile"}  # set by parse_args
 
 
 def test_make_clean_removes_only_what_the_demo_and_benches_made(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 
 from vitbench import metrics as M
 from vitbench.precision import SPECS
-from vitbench.profiler import StepProfiler, peak_tflops, train_flops_per_sample
+from vitbench.peaks import PEAK_TFLOPS, peak_tflops
+from vitbench.profiler import StepProfiler, train_flops_per_sample
 
 
 class FakeClock:
@@ -225,6 +226,14 @@ def test_peak_table_carries_its_source():
     assert peak("NVIDIA H200 NVL", "bf16") == (835.5, "NVIDIA H200 NVL datasheet, dense")  # not the SXM row
     assert peak("NVIDIA H100 NVL", "fp16")[0] == 835.5
     assert peak(None, "fp32") == (None, None)  # CPUs: no MFU rather than an invented peak
+    assert peak("AMD Instinct MI300X", "bf16") == (1307.4, "AMD Instinct MI300X datasheet, dense")
+    assert peak("AMD Instinct MI355X", "amp")[0] == 2516.6 and peak("AMD Instinct MI355X", "tf32") == (None, None)
+    assert peak("NVIDIA B200", "bf16")[0] == 2250.0 and peak("NVIDIA GB200", "bf16")[0] == 2500.0  # GB200 first
+    assert peak("GAUDI3", "bf16")[0] == 1835.0 and peak("GAUDI3", "fp32") == (None, None)
+    assert peak("NVIDIA H20", "bf16")[0] == 148.0
+    assert peak("Intel(R) Xeon(R) Platinum 8480+", "bf16") == (None, None)  # an unknown part: nobody's peak
+    for _, peaks, source in PEAK_TFLOPS:  # every row cites its source and names every class
+        assert source and set(peaks) == {"fp32", "tf32", "16bit", "fp8"}
 
 
 def test_flop_counter_matches_vit_arithmetic():

@@ -131,7 +131,7 @@ def test_the_table_says_the_zero_stage_that_ran_and_the_one_asked_for():
 
 
 @pytest.mark.parametrize("value, text", [(5.8512, "5.85"), (6.449, "6.45"), (6.54, "6.54"), (0.12345, "0.123"),
-                                         (5109.4, "5109"), (73258.0, "73258"), (None, "/")])
+                                         (5109.4, "5109"), (73258.0, "73258"), (10.0, "10.0"), (99.96, "100"), (None, "/")])
 def test_figures_keep_three_significant_digits(value, text):
     assert reporting.sig(value) == text
 

@@ -72,6 +72,14 @@ def test_results_hold_the_six_metrics_and_the_invariant(two_rank_run):
     for pkg in ("deepspeed", "accelerate", "timm", "webdataset"):
         assert env[pkg] == version(pkg), pkg
     assert env["device_type"] == "cpu" and env["cpu_count"] == os.cpu_count()
+    from deepspeed.accelerator import get_accelerator  # the process group's backend is the accelerator's
+
+    assert env["backend"] == get_accelerator().communication_backend_name() and env["os"] and env["kernel"]
+    sensors = r["hw_monitor"]["sensors"]  # the monitor ran; a sensor this machine lacks is absent with a reason
+    assert sensors["host_cpu"]["available"] and all(s["available"] or s["reason"] for s in sensors.values())
+    assert all(n > 0 for n in r["hw_monitor"]["samples"]) and len(r["energy_j_per_device"]) == 2
+    if not any(s["available"] for n, s in sensors.items() if n != "host_cpu"):
+        assert r["energy_j"] is None and r["img_per_joule"] is None  # never 0
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert env["git_commit"].removesuffix("-dirty") == head
     assert r["plan"]["deepspeed_config"]["timers"]["throughput"]["enabled"] is False
@@ -260,7 +268,13 @@ def test_bad_input_is_one_clear_message_before_heavy_work(tmp_path):
 def test_demo_trains_well_above_chance(tmp_path):
     """`make demo`'s run, shortened to two epochs, under the 2-process CPU launch config."""
     out = tmp_path / "demo"
-    launch(["--demo", "--epochs", "2", "--output-dir", str(out)])
+    launch(["--demo", "--vendor", "cpu", "--epochs", "2", "--output-dir", str(out)])
     r = results(out)
     assert r["final_acc1"] > 50.0  # chance: 10%
     assert r["eval_samples"] == r["val_num_samples"] == 200
+    # the CPU vendor profile: recorded, and its overrides shown as fix_hp
+    assert r["plan"]["vendor"]["name"] == "cpu" and r["fix_hp"]["workers"] == 1
+    readme = subprocess.run([str(BIN / "python"), str(REPO / "report.py"), str(out), "--vendor-readme"],
+                            capture_output=True, text=True, cwd=REPO, env=run_env())
+    assert readme.returncode == 0 and readme.stdout.startswith("### CPU配置与运行信息参考"), readme.stderr
+    assert "workers=1" in readme.stdout and "| 硬件设备简称 | CPU |" in readme.stdout

@@ -321,16 +321,16 @@ class CheckpointManager:
         every = self.spec.every_steps
         return bool(every) and step % every == 0 and step < self.total_steps
 
-    def save(self, step: int, epoch: int) -> dict:
-        """Save STEP; returns what it cost, {step, seconds, bytes}, also kept in `saves` (results.json's
-        checkpoint_time sums them: periodic, preemption and final saves alike)."""
+    def save(self, step: int, epoch: int) -> Path:
+        """Save STEP; what it cost, {step, seconds, bytes}, is appended to `saves` (results.json's checkpoint_time
+        sums them: periodic, preemption and final saves alike)."""
         start = time.perf_counter()
         final = save(self.accelerator, self.root, step, keep=self.spec.keep, meta={"epoch": epoch, **self.meta},
                      min_bytes=self.min_bytes)
         cost = {"step": step, "seconds": time.perf_counter() - start,
                 "bytes": sum(_sizes(final).values()) if self.accelerator.is_main_process else None}
         self.saves.append(cost)
-        return cost
+        return final
 
     def agree_on_resume(self, resume_from: Path | None) -> None:
         """Rank 0's choice of checkpoint is the launch's: a rank that sees another (an output directory that is

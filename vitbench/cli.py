@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from vitbench import demo, lifecycle, precision
+from vitbench import demo, lifecycle, precision, vendor
 from vitbench.errors import EXIT_USER_ERROR, UserError, one_line
 from vitbench.loaders import LOADERS
 from vitbench.plan import Plan, make_plan
@@ -89,7 +89,9 @@ class Flags(argparse.Namespace):
     wandb_project: str
     wandb_entity: str | None
     wandb_group: str | None
-    fix_hp: dict  # the recipe flags this launch changed
+    vendor: str | None
+    vendor_profile: object  # vitbench.vendor.VendorProfile, or None
+    fix_hp: dict  # the vendor profile's overrides and the recipe flags this launch changed
 
 
 # Flags other trainers (timm's train.py, accelerate, torchvision's references) have with another meaning here:
@@ -262,6 +264,10 @@ def _add_system_flags(g) -> None:
                    help="all_reduce bus bandwidth measured with nccl-tests across this run's nodes, recorded in "
                         "results.json beside the scaling figures (README: before the first 2x8 run; default: not "
                         "recorded)")
+    g.add_argument("--vendor", default=None, metavar="NAME|PATH",
+                   help="an accelerator vendor's profile (vendors/NAME/profile.toml): its hardware-bound overrides "
+                        "(micro-batch, workers, loader, compile, communication) become the defaults and the run's "
+                        "fix_hp; anything else is refused (README: Adding your accelerator; default: none)")
     g.add_argument("--deepspeed-throughput-timer", action="store_true",
                    help="also run DeepSpeed's ThroughputTimer (a second opinion on p_core; it synchronizes the "
                         "device every step: for benchmarks only)")
@@ -296,11 +302,21 @@ def parse_args(argv=None, description: str | None = None) -> Flags:
     args, extras = parser.parse_known_args(argv, namespace=Flags())
     if extras:
         parser.refuse_unknown(extras)
-    if args.demo:  # the demo's values become the defaults: what the user typed still wins
-        parser.set_defaults(**DEMO, data_dir=str(demo.DEFAULT_DIR))
+    profile = None
+    if args.vendor:
+        try:
+            profile = vendor.load(args.vendor)
+        except UserError as e:
+            parser.error(one_line(e))
+    if args.demo or profile:  # the demo's, then the profile's values become the defaults: what was typed wins
+        parser.set_defaults(**{**(dict(DEMO, data_dir=str(demo.DEFAULT_DIR)) if args.demo else {}),
+                               **(profile.overrides if profile else {})})
         args = parser.parse_args(argv, namespace=Flags())
+    args.vendor_profile = profile
     recipe = build_parser()
-    args.fix_hp = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) != recipe.get_default(k)}
+    changed = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) != recipe.get_default(k)}
+    # FlagPerf's fix_hp: what the profile set and the recipe flags changed, at the values that run
+    args.fix_hp = {**{k: getattr(args, k) for k in (profile.overrides if profile else {})}, **changed}
     args.model_kwargs = dict(args.model_kwargs)
     return args
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitbench.device import Device
 from vitbench.shardformat import DataError, ShardSet, parse_label, split_member
 from vitbench.transforms import TORCHVISION_BINS, AugmentPolicy
 
@@ -172,7 +173,7 @@ class DaliTrainLoader:
 
         dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.gpu else None
+        stream = Device().current_stream(self.device) if self.gpu else None
         return feed_ndarray(dense, out, cuda_stream=stream)
 
     def batches(self, n: int):

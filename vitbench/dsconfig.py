@@ -55,11 +55,14 @@ def _read(path: Path) -> dict:
 
 
 def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, clip_grad: float | None,
-          precision, zero_stage: int | None, throughput_timer: bool = False) -> dict:
+          precision, zero_stage: int | None, throughput_timer: bool = False, override: dict | None = None) -> dict:
     """The config at PATH with the flags written in; PRECISION is a precision.PrecisionSpec.
     Clipping is DeepSpeed's only under fp16 weights (its fp16 optimizers clip against their own loss scale);
-    otherwise step.RecipeAdamW clips and DeepSpeed's clipping and ZeRO norm (host syncs, see step.py) are off."""
+    otherwise step.RecipeAdamW clips and DeepSpeed's clipping and ZeRO norm (host syncs, see step.py) are off.
+    OVERRIDE: a vendor profile's communication settings (vitbench.vendor checked them), written over the file's."""
     cfg = _read(path)
+    for key, value in (override or {}).items():
+        cfg[key] = {**(cfg.get(key) or {}), **value} if isinstance(value, dict) else value
     if "optimizer" in cfg or "scheduler" in cfg:
         raise ConfigError(f"{path}: has an 'optimizer' or 'scheduler' section; train_vit.py owns both "
                           "(--lr, --weight-decay, --epochs, --warmup-epochs): remove them")

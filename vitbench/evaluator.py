@@ -26,8 +26,10 @@ class Evaluator:
 with IMG_SIZE images whose outputs are discarded."""
 
     def __init__(self, spec: EvalSpec, stream: ValidationStream, to_input, *, device, total_steps: int,
-                 reduce_sum: Callable[[torch.Tensor], torch.Tensor], lockstep: bool, img_size: int):
+                 reduce_sum: Callable[[torch.Tensor], torch.Tensor], lockstep: bool, img_size: int,
+                 pin_memory: bool = False):
         self.spec, self.stream, self.to_input, self.device = spec, stream, to_input, device
+        self.pin_memory = pin_memory  # the device layer's pins_memory
         self.total_steps, self.reduce_sum = total_steps, reduce_sum
         self.pad_to = img_size if lockstep else None
         self.evals: list[dict] = []  # one row per evaluation: epoch, step and the figures
@@ -43,7 +45,8 @@ with IMG_SIZE images whose outputs are discarded."""
         return self.evals[-1] if self.evals else None
 
     def run(self, model, epoch: int, step: int) -> dict:
-        result = evaluate(model, self.stream, self.to_input, self.device, self.reduce_sum, self.pad_to)
+        result = evaluate(model, self.stream, self.to_input, self.device, self.reduce_sum, self.pad_to,
+                          self.pin_memory)
         self.evals.append({"epoch": epoch, "step": step, **result})
         target = self.spec.target_acc1
         self.reached_target = target is not None and result[M.ACC1] >= target
@@ -51,14 +54,15 @@ with IMG_SIZE images whose outputs are discarded."""
 
 
 @torch.no_grad()
-def evaluate(model, stream: ValidationStream, to_input, device, reduce_sum, pad_to: int | None = None) -> dict:
+def evaluate(model, stream: ValidationStream, to_input, device, reduce_sum, pad_to: int | None = None,
+             pin_memory: bool = False) -> dict:
     """Sums over this rank's part of the split, reduced over ranks. PAD_TO: run dummy forwards of that image size
     until this rank has run as many as the rank with the most batches."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, skipped
     batches = 0
     skipped_only = 0  # samples dropped after a worker's last image come in a batch of no images
-    for batch in validation_loader(stream, pin_memory=torch.device(device).type == "cuda"):
+    for batch in validation_loader(stream, pin_memory=pin_memory):
         if batch["images"] is None:
             skipped_only += batch["skipped"]
             continue

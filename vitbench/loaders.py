@@ -73,9 +73,11 @@ class LoaderSpec:
 
 
 def build(spec: LoaderSpec, shards: ShardSet, *, rank: int, world_size: int, seed: int, epoch: int,
-          step_in_epoch: int, step: int, steps_per_epoch: int, grad_accum: int, device) -> TrainLoader:
+          step_in_epoch: int, step: int, steps_per_epoch: int, grad_accum: int, device,
+          pin_memory: bool = False) -> TrainLoader:
     """This rank's train loader for the rest of the launch, which starts at STEP_IN_EPOCH of EPOCH after STEP
-    optimizer steps; an epoch is STEPS_PER_EPOCH steps of GRAD_ACCUM micro-batches."""
+    optimizer steps; an epoch is STEPS_PER_EPOCH steps of GRAD_ACCUM micro-batches. PIN_MEMORY: the device
+    copies from page-locked memory (the device layer's pins_memory)."""
     if spec.kind == "dali":  # the pipeline is built here, once per launch (it opens every train shard)
         return dali_loader.DaliTrainLoader(shards, spec.img_size, spec.auto_augment, spec.batch_size, rank=rank,
                                            world_size=world_size, threads=spec.workers, seed=seed + 1000 * step,
@@ -84,5 +86,5 @@ def build(spec: LoaderSpec, shards: ShardSet, *, rank: int, world_size: int, see
         shards, train_transform(spec.img_size, spec.auto_augment), spec.batch_size,
         (steps_per_epoch - step_in_epoch) * grad_accum, rank=rank, world_size=world_size, workers=spec.workers,
         seed=seed, epoch=epoch, resume_step=step_in_epoch, repeats=spec.repeats,
-        steps_per_epoch=steps_per_epoch * grad_accum, pin_memory=device.type == "cuda"),
+        steps_per_epoch=steps_per_epoch * grad_accum, pin_memory=pin_memory),
         spec.epoch_sampling(shards, world_size))

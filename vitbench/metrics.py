@@ -35,6 +35,12 @@ MEM_DEVICE_USED = "memory/device_used(GiB)"
 MEM_DEVICE_TOTAL = "memory/device_total(GiB)"
 MEM_HOST_RSS = "memory/host_rss(GiB)"
 MEM_HOST_PEAK_RSS = "memory/host_peak_rss(GiB)"
+# ---- hardware (vitbench.monitor: this rank's device and host, the last sample; absent sensors never logged) --
+POWER = "power/device(W)"
+TEMP = "temp/device(C)"
+UTIL_DEVICE = "util/device(%)"
+CLOCK_SM = "clock/sm(MHz)"
+UTIL_HOST_CPU = "util/host_cpu(%)"
 # ---- training state (the loop) -------------------------------------------------------------------
 STEP = "step"
 EPOCH = "epoch"
@@ -55,36 +61,33 @@ EVAL_PREFIX = "eval/"
 
 class DeviceMemoryMonitor:
     """Memory of one rank since the previous `probe()` (allocator peaks are reset after each), in the names
-    above, as torchtitan's DeviceMemoryMonitor. CUDA: allocator peaks, % of capacity, allocator retries and
-    OOMs, and the device's used/total (cudaMemGetInfo: the whole device, the figure nvidia-smi shows).
-    Everywhere: this process's resident set and its peak (the only memory a CPU run has)."""
+    above, as torchtitan's DeviceMemoryMonitor, through the device layer (vitbench.device): allocator peaks,
+    % of capacity, allocator retries and OOMs where the device reports them, and the whole device's used/total
+    (on CUDA cudaMemGetInfo, the figure nvidia-smi shows). Everywhere: this process's resident set and its
+    peak (the only memory a CPU run has)."""
 
-    def __init__(self, device):
+    def __init__(self, device_layer, device):
         import psutil
-        import torch
 
-        self.device, self._torch, self._proc = device, torch, psutil.Process()
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            self.capacity = torch.cuda.get_device_properties(device).total_memory
+        self.layer, self.device, self._proc = device_layer, device, psutil.Process()
+        self.on_device = not device_layer.host_memory
+        if self.on_device:
+            device_layer.reset_memory_peaks(device)
+            self.capacity = device_layer.total_memory(device)
 
     def probe(self) -> dict:
         out = {MEM_HOST_RSS: self._proc.memory_info().rss / GIB,
                MEM_HOST_PEAK_RSS: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
-        if self.cuda:
-            cuda = self._torch.cuda
-            stats = cuda.memory_stats(self.device)
-            free, total = cuda.mem_get_info(self.device)
-            allocated, reserved = cuda.max_memory_allocated(self.device), cuda.max_memory_reserved(self.device)
+        if self.on_device:
+            m = self.layer.memory(self.device)
             out.update({
-                MEM_MAX_ALLOCATED: allocated / GIB, MEM_MAX_ALLOCATED_PCT: 100.0 * allocated / self.capacity,
-                MEM_MAX_RESERVED: reserved / GIB, MEM_MAX_RESERVED_PCT: 100.0 * reserved / self.capacity,
-                MEM_ALLOC_RETRIES: float(stats.get("num_alloc_retries", 0)),
-                MEM_OOMS: float(stats.get("num_ooms", 0)),
-                MEM_DEVICE_USED: (total - free) / GIB, MEM_DEVICE_TOTAL: total / GIB,
+                MEM_MAX_ALLOCATED: m["allocated_peak"] / GIB,
+                MEM_MAX_ALLOCATED_PCT: 100.0 * m["allocated_peak"] / self.capacity,
+                MEM_MAX_RESERVED: m["reserved_peak"] / GIB, MEM_MAX_RESERVED_PCT: 100.0 * m["reserved_peak"] / self.capacity,
+                MEM_ALLOC_RETRIES: float(m["alloc_retries"]), MEM_OOMS: float(m["ooms"]),
+                MEM_DEVICE_USED: m["used"] / GIB, MEM_DEVICE_TOTAL: m["total"] / GIB,
             })
-            cuda.reset_peak_memory_stats(self.device)
+            self.layer.reset_memory_peaks(self.device)
         return out
 
     @staticmethod
@@ -94,8 +97,8 @@ class DeviceMemoryMonitor:
             return {"mem_used_gib": peak[MEM_DEVICE_USED], "mem_total_gib": peak[MEM_DEVICE_TOTAL],
                     "mem_max_allocated_gib": peak[MEM_MAX_ALLOCATED], "mem_max_reserved_gib": peak[MEM_MAX_RESERVED],
                     "mem_alloc_retries": int(peak[MEM_ALLOC_RETRIES]), "mem_ooms": int(peak[MEM_OOMS]),
-                    "mem_source": "device memory used (cudaMemGetInfo, as nvidia-smi), peak over the run, "
-                                  "max over ranks"}
+                    "mem_source": "device memory used (the device's free/total query; CUDA: cudaMemGetInfo, as "
+                                  "nvidia-smi), peak over the run, max over ranks"}
         if MEM_HOST_PEAK_RSS in peak:
             import psutil
 

@@ -21,7 +21,7 @@ from vitbench.files import writable_problem
 from vitbench.evaluator import EvalSpec
 from vitbench.loaders import LoaderSpec
 from vitbench.precision import SPECS, PrecisionSpec
-from vitbench.profiler import peak_tflops
+from vitbench.peaks import peak_tflops
 from vitbench.runinfo import MachineFacts, layout
 from vitbench.shardformat import ShardSet, load_split, read_info
 from vitbench.tracking import TrackingSpec
@@ -111,7 +111,9 @@ class Plan:
     epoch_sampling: str = ""  # how the loader draws an epoch's samples (loaders.LoaderSpec.epoch_sampling)
     pass_coverage: float | None = None  # wds, permuted epochs: the share of the split a pass reads
     data: dict = field(default_factory=dict)  # the data's identity: source, revision, sha256 of _info.json
-    fix_hp: dict = field(default_factory=dict)  # recipe flags this launch changed (the table's fix_hp)
+    fix_hp: dict = field(default_factory=dict)  # the vendor's overrides and recipe flags changed (the table's fix_hp)
+    vendor: dict | None = None  # the vendor profile applied (vitbench.vendor.VendorProfile.to_json), or None
+    vendor_env: dict = field(default_factory=dict)  # its environment, set in every rank before the process group
     warnings: tuple[str, ...] = ()
 
     @property
@@ -140,7 +142,7 @@ class Plan:
                 "pass_coverage": self.pass_coverage,
                 "output_dir": str(self.output_dir) if self.output_dir else None,
                 "resume_from": str(self.resume_from) if self.resume_from else None, "universal": self.universal,
-                "fix_hp": self.fix_hp, "warnings": list(self.warnings)}
+                "fix_hp": self.fix_hp, "vendor": self.vendor, "warnings": list(self.warnings)}
 
 
 def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
@@ -198,11 +200,13 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     marker = checkpoint.read_marker(resume_from) if resume_from is not None else {}
     checkpoint.check_data(marker, data)
     ds_path = dsconfig.config_path(args.deepspeed_config, environ)
+    profile = args.vendor_profile
 
     def ds_build(stage):
         return dsconfig.build(ds_path, micro_batch=args.batch_size, grad_accum=args.global_batch_size // per_step,
                               world_size=world, clip_grad=args.clip_grad, precision=precision, zero_stage=stage,
-                              throughput_timer=args.deepspeed_throughput_timer)
+                              throughput_timer=args.deepspeed_throughput_timer,
+                              override=profile.deepspeed if profile else None)
     ds_config = ds_build(args.zero_stage if args.zero_stage is not None else asked.get("zero_stage"))
     zero_stage = requested_stage = ds_config["zero_optimization"]["stage"]
     if world == 1 and zero_stage > 0 and _zero_is_pure_overhead(ds_config, precision, (marker or {}).get("zero_stage")):
@@ -230,13 +234,14 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         grad_accum=grad_accum, loss_scaling=loss_scaling, zero_stage_requested=requested_stage,
         recipe=_recipe(args, steps_per_epoch, loader.img_size), checkpoints=CheckpointSpec(args.checkpoint_every, args.keep_checkpoints),
         evaluation=EvalSpec(args.eval_every, args.eval_batch_size, args.target_acc1),
-        measurement=_measurement(args, machine, precision),
+        measurement=_measurement(args, machine, precision, warnings),
         tracking=TrackingSpec(args.wandb, args.wandb_project, args.wandb_entity, args.wandb_group),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, finished=finished,
         epoch_sampling=loader.epoch_sampling(train, world),
         pass_coverage=loader.pass_coverage(train, world, steps_per_epoch * grad_accum),
         run_name=args.run_name, output_dir=output_dir, resume_from=resume_from, universal=universal, data=data,
-        fix_hp=dict(args.fix_hp), warnings=tuple(warnings))
+        fix_hp=dict(args.fix_hp), vendor=profile.to_json() if profile else None,
+        vendor_env=dict(profile.env) if profile else {}, warnings=tuple(warnings))
 
 
 def _recipe(args, steps_per_epoch: int, img_size: int) -> Recipe:
@@ -251,12 +256,14 @@ def _recipe(args, steps_per_epoch: int, img_size: int) -> Recipe:
                   train_transform=describe(train_transform(img_size, args.aa)), seed=args.seed)
 
 
-def _measurement(args, machine: MachineFacts, precision: PrecisionSpec) -> Measurement:
+def _measurement(args, machine: MachineFacts, precision: PrecisionSpec, warnings: list[str]) -> Measurement:
     if args.peak_tflops:
         peak, source = args.peak_tflops, "--peak-tflops"
-    else:  # a known GPU's datasheet figure; none for CPUs (no MFU rather than an invented peak)
-        peak, source = peak_tflops(machine.device_name if machine.device_type == "cuda" else None,
-                                   precision.peak_class)
+    else:  # the device's datasheet figure; none for a device the table does not know (no MFU, said once)
+        peak, source = peak_tflops(machine.device_name, precision.peak_class)
+        if peak is None:
+            warnings.append(f"no {precision.peak_class} peak TFLOP/s is known for this device ({machine.device_name}): "
+                            "MFU is left out; give its datasheet's dense figure with --peak-tflops")
     return Measurement(log_interval=args.log_interval, timing_warmup_steps=args.timing_warmup_steps,
                        profile_steps=args.profile_steps, peak_tflops=peak, peak_tflops_source=source,
                        compile=args.compile, deepspeed_throughput_timer=args.deepspeed_throughput_timer,

@@ -31,33 +31,6 @@ from typing import Callable
 from vitbench import metrics as M
 from vitbench.metrics import DeviceMemoryMonitor
 
-# Dense (no sparsity) peak TFLOP/s per device by (name fragment, precision class), checked in this order,
-# each with its source: the vendor's datasheet figures.
-_HOPPER = "NVIDIA H100/H200 datasheet, SXM, dense"
-_NVL = {"fp32": 60.0, "tf32": 417.5, "16bit": 835.5}  # NVL cards (PCIe form, lower power): half the sparse figures
-PEAK_TFLOPS = [
-    ("H200 NVL", _NVL, "NVIDIA H200 NVL datasheet, dense"),
-    ("H100 NVL", _NVL, "NVIDIA H100 NVL datasheet, dense"),
-    ("H200", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}, _HOPPER),
-    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "16bit": 756.0}, "NVIDIA H100 datasheet, PCIe, dense"),
-    ("H100", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}, _HOPPER),
-    ("H800", {"fp32": 67.0, "tf32": 494.7, "16bit": 989.4}, "NVIDIA H800 datasheet, SXM, dense"),
-    ("A100", {"fp32": 19.5, "tf32": 156.0, "16bit": 312.0}, "NVIDIA A100 datasheet, dense"),
-    ("A800", {"fp32": 19.5, "tf32": 156.0, "16bit": 312.0}, "NVIDIA A800 datasheet, dense"),
-    ("L40S", {"fp32": 91.6, "tf32": 183.0, "16bit": 362.0}, "NVIDIA L40S datasheet, dense"),
-    ("V100", {"fp32": 15.7, "tf32": 15.7, "16bit": 125.0}, "NVIDIA V100 datasheet, SXM2 (no TF32: fp32 rate)"),
-]
-
-
-def peak_tflops(device_name: str | None, peak_class: str) -> tuple[float | None, str | None]:
-    """(peak dense TFLOP/s of one device for PEAK_CLASS, a precision's `peak_class`: "fp32", "tf32" or
-    "16bit"; its source), or (None, None) when unknown (e.g. CPUs: no MFU rather than an invented peak)."""
-    for fragment, peaks, source in PEAK_TFLOPS if device_name else []:
-        if fragment.lower() in device_name.lower():
-            return peaks[peak_class], source
-    return None, None
-
-
 def train_flops_per_sample(model_fn: Callable, img_size: int) -> float:
     """Forward + backward FLOPs of one image, from PyTorch's FLOP counter on a meta-device copy of the
     model (no memory, no compute)."""

@@ -86,7 +86,7 @@ def sig(value, unit: str = "") -> str:
     """A figure with at least 3 significant digits (5.85, 0.123; 5109 stays whole); "/" when there is none."""
     if value is None:
         return "/"
-    return f"{value:.0f}{unit}" if abs(value) >= 100 else f"{float(f'{value:.3g}'):g}{unit}"
+    return f"{value:.0f}{unit}" if abs(value) >= 100 else f"{value:#.3g}".rstrip(".") + unit
 
 
 def efficiency(rate: float | None, devices: int, base_rate: float | None, base_devices: int = 1) -> float | None:
@@ -135,7 +135,7 @@ def table_row(r: dict, lang: str = "zh") -> list:
 
 def numeric_row(r: dict) -> list:
     """table_row's figures as numbers (None where absent), for W&B's table (WANDB_COLUMNS)."""
-    return [config_label(r, "en") + zero_label(r), r["precision"], fix_hp_text(r.get("fix_hp", {})),
+    return [*table_row(r, "en")[:3],  # the label with its marks, precision, fix_hp
             *(r.get(k) for k in ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "mem_used_gib",
                                  "mem_total_gib"))]
 
@@ -191,6 +191,11 @@ def scaling_efficiency(results: list[dict]) -> list[str]:
     return ["base" if i in used else e for i, e in enumerate(out)]
 
 
+def _mean(values) -> float | None:
+    values = [v for v in values or [] if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def markdown_table(results: list[dict], lang: str = "zh", problems: list[str] = ()) -> str:
     """The seed's table; PROBLEMS: run folders left out (one line each), as footnotes."""
     cols = list(COLUMNS[lang])
@@ -199,6 +204,10 @@ def markdown_table(results: list[dict], lang: str = "zh", problems: list[str] = 
     if any(e not in ("/", "base") for e in eff):
         cols.append("scaling" if lang == "en" else "扩展效率")
         rows = [row + [e] for row, e in zip(rows, eff)]
+    if any(r.get("img_per_joule") for r in results):  # perf/W where a run measured its energy (vitbench.monitor)
+        cols += ["img/J", "W/device"]
+        rows = [row + [sig(r.get("img_per_joule")), sig(_mean(r.get("power_avg_w_per_device")))]
+                for row, r in zip(rows, results)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     notes = [f"\\* {config_label(r, lang)} {r['precision']}: final_acc1 over {r['eval_samples']} of "

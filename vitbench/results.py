@@ -21,6 +21,10 @@ Keys (figures in images/s, seconds and GiB; None where a run did not produce one
   checkpoint_time, checkpoint_max_s                every save of this launch (periodic, preemption, final), s;
                                                    the longest one (size SLURM's --signal lead from it)
   checkpoints [{step, seconds, bytes}]             each save
+  energy_j, energy_j_per_device, energy_source     joules over the train window (vitbench.monitor; None: no sensor)
+  power_avg_w_per_device, power_peak_w_per_device, temp_peak_c_per_device
+  img_per_joule, img_per_joule_per_device          trained samples / joules (all devices; one device's share)
+  hw_monitor {interval_s, samples, sensors}        each sensor available, or absent with the reason
   checkpoint_time_in_train_window                  the periodic saves inside the train window (out of p_train)
   compile_s                                        with --compile: the first step's extra time
   deepspeed_throughput_timer                       with --deepspeed-throughput-timer: DeepSpeed's figure
@@ -37,7 +41,8 @@ RESULTS_FILE = "results.json"
 UNITS = {"e2e_time": "s", "p_whole": "img/s", "p_train": "img/s", "p_core": "img/s", "*_steady": "img/s",
          "final_acc1": "% top-1", "final_acc5": "% top-5", "val_loss": "nats (cross-entropy)", "mem": "GiB used/total",
          "mem_*_gib": "GiB", "*_time": "s", "checkpoint_max_s": "s", "checkpoints.bytes": "bytes",
-         "compile_s": "s", "nccl_busbw_gbps": "GB/s"}
+         "compile_s": "s", "nccl_busbw_gbps": "GB/s", "energy_j": "J", "power_*_w": "W", "temp_*_c": "degrees C",
+         "img_per_joule": "images/J"}
 SUMMARY_KEYS = ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "final_acc5", "val_loss", "mem_used_gib",
                 "mem_total_gib", "p_whole_steady", "p_train_steady", "p_core_steady")
 
@@ -45,7 +50,8 @@ SUMMARY_KEYS = ("e2e_time", "p_whole", "p_train", "p_core", "final_acc1", "final
 def build(*, plan, run_name: str, global_step: int, resumed_from_step: int, epochs_done: int, interrupted: bool,
           evals: list[dict], reached_target: bool, train_skipped: int, e2e_time: float, timing: dict,
           precision_in_effect: dict, replica_checksums: list | None, environment: dict, config: dict,
-          checkpoint_saves: list[dict] = (), deepspeed_throughput_timer: dict | None = None) -> dict:
+          checkpoint_saves: list[dict] = (), hardware: dict | None = None,
+          deepspeed_throughput_timer: dict | None = None) -> dict:
     """results.json of a run made by PLAN (vitbench.plan.Plan); TIMING: StepProfiler.summary()."""
     final = evals[-1] if evals else None
     results = {
@@ -61,6 +67,7 @@ def build(*, plan, run_name: str, global_step: int, resumed_from_step: int, epoc
         "e2e_time": e2e_time, **timing,
         "checkpoint_time": sum(c["seconds"] for c in checkpoint_saves), "checkpoints": list(checkpoint_saves),
         "checkpoint_max_s": max((c["seconds"] for c in checkpoint_saves), default=None),
+        **(hardware or {}),
         "mem": f"{timing['mem_used_gib']:.1f}/{timing['mem_total_gib']:.1f}" if "mem_used_gib" in timing else None,
         "fix_hp": plan.fix_hp, "nccl_busbw_gbps": plan.measurement.nccl_busbw_gbps,
         "precision_in_effect": precision_in_effect, "replica_checksums": replica_checksums,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from vitbench.device import Device, cpu_flags, cpu_model
+
 
 def layout(environ=os.environ) -> dict:
     """Machines x processes per machine, from the launcher's environment."""
@@ -38,9 +40,9 @@ def usable_cpus() -> int:
 class MachineFacts:
     """What a Plan needs to know of the machine, asked once at start (`probe`); tests pass their own."""
 
-    device_type: str  # "cuda", "cpu", ...
+    device_type: str  # the device layer's kind: "cuda", "cpu", "xpu", "npu", "hpu", ...
     device_name: str
-    capability: tuple[int, int] | None  # CUDA compute capability
+    capability: tuple[int, int] | None  # the device's compute capability, where it has one
     fp16: bool  # DeepSpeed's accelerator reports fp16 weights + optimizer support
     bf16: bool
     autocast: bool  # torch autocast exists for the device
@@ -48,17 +50,14 @@ class MachineFacts:
     host_ip: str | None = None  # what this host's name resolves to (a process group binds to it)
 
     @classmethod
-    def probe(cls) -> "MachineFacts":
+    def probe(cls, device: Device | None = None) -> "MachineFacts":
         import torch
-        from deepspeed.accelerator import get_accelerator
 
-        acc = get_accelerator()
-        kind = acc.device_name()
-        cuda = kind == "cuda" and torch.cuda.is_available()
-        return cls(device_type=kind, device_name=torch.cuda.get_device_name() if cuda else (cpu_model() or kind),
-                   capability=torch.cuda.get_device_capability() if cuda else None,
+        device = device or Device()
+        acc = device.acc
+        return cls(device_type=device.kind, device_name=device.product_name(), capability=device.capability(),
                    fp16=bool(acc.is_fp16_supported()), bf16=bool(acc.is_bf16_supported()),
-                   autocast=torch.amp.is_autocast_available(kind), cpus=usable_cpus(), host_ip=host_ip())
+                   autocast=torch.amp.is_autocast_available(device.kind), cpus=usable_cpus(), host_ip=host_ip())
 
 
 def free_port() -> int:
@@ -93,7 +92,19 @@ def git_commit(repo: Path) -> str | None:
         return None
 
 
-def environment(device, repo: Path) -> dict:
+def os_release() -> str | None:
+    """The distribution's name and version (/etc/os-release's PRETTY_NAME), e.g. 'Ubuntu 22.04.4 LTS'."""
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.partition("=")[2].strip().strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def environment(device: Device, repo: Path) -> dict:
+    """The machine and software of this run (results.json's `environment`); DEVICE: the device layer."""
     import torch
 
     env = {
@@ -105,56 +116,17 @@ def environment(device, repo: Path) -> dict:
         "timm": _version("timm"),
         "webdataset": _version("webdataset"),
         "git_commit": git_commit(repo),
-        "device_type": device.type,
+        "os": os_release(), "kernel": platform.release(), "cpu_model": cpu_model(),
+        "device_type": device.kind,
+        "device_name": device.product_name() if not device.host_memory else
+        (cpu_model() or platform.processor() or platform.machine()),
+        **device.software(),
     }
-    if device.type == "cuda":
-        env.update({
-            "device_name": torch.cuda.get_device_name(device),
-            "device_count": torch.cuda.device_count(),
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-            "driver": _nvidia_driver(),
-        })
-    else:
-        env.update({"device_name": cpu_model() or platform.processor() or platform.machine(), "device_count": 1,
-                    "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags()})
+    if device.host_memory:
+        env.update({"device_count": 1, "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags()})
     env["usable_cpus"] = usable_cpus()
     env["launch"] = launch_environment()
     return env
-
-
-def _cpuinfo_field(name: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == name:
-                return value.strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_model() -> str | None:
-    """The CPU's marketing name (Linux), e.g. 'AMD EPYC 9554 64-Core Processor'."""
-    return _cpuinfo_field("model name")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that decide CPU bf16/fp16 speed (machines of one kind differ in them)."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
-    flags = set((_cpuinfo_field("flags") or "").split())
-    return [f for f in wanted if f in flags]
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml.nvmlSystemGetDriverVersion()
-    except Exception:
-        return None
 
 
 # Variables that decide how ranks find each other and which network they use: recorded with every run, so a
