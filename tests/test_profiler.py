@@ -249,3 +249,21 @@ def test_flop_counter_matches_vit_arithmetic():
     flops = train_flops_per_sample(lambda: timm.create_model("vit_tiny_patch16_224", img_size=img, patch_size=patch,
                                                              depth=depth, num_classes=classes), img)
     assert flops == pytest.approx(3 * 2 * macs - 2 * embed_macs, rel=0.001)
+
+
+def test_steady_step_times_are_kept_and_give_each_figure_its_spread():
+    clock = FakeClock()
+    prof = StepProfiler(global_batch=8, world_size=1, warmup_steps=2, clock=clock)
+    prof.train_start()
+    run_steps(prof, clock, 2, data=0.0, compute=5.0, other=0.0)
+    run_steps(prof, clock, 10, data=0.5, compute=1.0, other=0.0)
+    with prof.pause("eval"):
+        clock.t += 3.0
+    prof.train_end()
+    s = prof.summary()
+    times = s["step_times"]
+    assert times["first_step"] == 3 and len(times["compute_s"]) == len(times["train_s"]) == 10
+    assert times["compute_s"] == [pytest.approx(1.0)] * 10 and times["train_s"] == [pytest.approx(1.5)] * 10
+    assert s["spread"]["p_core_steady"]["mean"] == pytest.approx(s["p_core_steady"]) == pytest.approx(8.0)
+    assert s["spread"]["p_train_steady"]["median"] == pytest.approx(8 / 1.5)
+    assert s["spread"]["p_whole_steady"]["mean"] == pytest.approx(s["p_whole_steady"])  # pauses spread over steps

@@ -10,6 +10,7 @@ from conftest import BIN, REPO, TINY, assert_picture, launch, launch_machines, r
 
 from vitbench import metrics as M
 from vitbench import study
+from vitbench.reporting import sig
 from vitbench.tracking import METRICS_FILE
 
 pytestmark = pytest.mark.slow
@@ -104,7 +105,7 @@ def test_report_has_the_table_the_timelines_and_each_runs_environment(runs, repo
     out, text = report
     for name, run_dir in runs.items():
         r = results(run_dir)
-        assert f"| {r['p_whole']:.0f} | {r['p_train']:.0f} | {r['p_core']:.0f} |" in section(text, "The six figures")
+        assert f"| {sig(r['p_whole'])} | {sig(r['p_train'])} | {sig(r['p_core'])} |" in section(text, "The six figures")
         assert f"![steps of {name}](steps_{name}.png)" in text
         assert_picture(out / f"steps_{name}.png")
         env = r["environment"]

@@ -18,8 +18,9 @@ fastest rank, so a straggler shows as the gap.
 batches); the plain figures count every step, as FlagPerf does. `first_step_extra_s` is what the first step
 took beyond a steady one: with --compile, the compile time (results.json `compile_s`).
 
-The hot path per step is two host clock reads and two event records on devices with events (data start and
-compute start; the compute time comes from the events), three clock reads and a no-op sync without.
+The hot path per step is three host clock reads and two event records on devices with events (data start,
+compute start, step end; the compute time comes from the events), four clock reads and a no-op sync without.
+Each step's times are kept (steady window, slowest rank) for the spread of the figures (vitbench.stats).
 """
 
 from __future__ import annotations
@@ -67,12 +68,17 @@ class StepProfiler:
         self._steady_compute = 0.0
         self._row = None  # totals at the previous row
         self.mem_peak: dict[str, float] = {}  # max over ranks and over probes
+        # per step of this launch, for the spread of the steady figures: wall time between step ends without
+        # pauses (p_train's window) and compute time (p_core's)
+        self.step_train_s: list[float] = []
+        self.step_compute_s: list[float] = []
 
     # ---- windows -------------------------------------------------------------------------
     def train_start(self) -> None:
         self.sync()
         self.train_start_t = self.clock()
         self._row = self._totals(self.train_start_t)
+        self._last_end, self._paused_at_end = self.train_start_t, 0.0
         if self.warmup_steps == 0:
             self._steady = (self.train_start_t, 0, 0.0)
 
@@ -94,6 +100,9 @@ class StepProfiler:
 
     def step_end(self) -> None:
         self.steps += 1
+        t = self.clock()  # one more host clock read per step
+        self.step_train_s.append(t - self._last_end - (self.paused_total - self._paused_at_end))
+        self._last_end, self._paused_at_end = t, self.paused_total
         if self.make_event:
             ev = self._free_events.pop() if self._free_events else self.make_event()
             ev.record()
@@ -122,6 +131,7 @@ class StepProfiler:
 
     def _add_compute(self, step: int, seconds: float) -> None:
         self.compute += seconds
+        self.step_compute_s.append(seconds)  # resolved in step order
         if step == 1:
             self.first_step_compute = seconds  # torch.compile compiles here; the allocator grows here
         if step > self.warmup_steps:
@@ -222,6 +232,9 @@ class StepProfiler:
                         "p_core_steady": _rate(steady_samples, w["steady_compute"])})
             if self.first_step_compute is not None:  # what the first step cost beyond a steady one
                 out["first_step_extra_s"] = w["first_step"] - w["steady_compute"] / (self.steps - s0)
+        if steady:
+            out.update(self._step_spread(s0, steady_samples / (self.steps - s0),
+                                         (self.paused_total - paused0) / (self.steps - s0)))
         if self.flops_per_sample and out["p_core"]:
             out["tflops_per_device_core"] = self._tflops_per_device(out["p_core"])
         if self.flops_per_sample and self.peak:
@@ -231,8 +244,36 @@ class StepProfiler:
                     out[f"mfu_{window}(%)"] = 100.0 * self._tflops_per_device(rate) / self.peak
         return out
 
+    def _step_spread(self, first: int, samples_per_step: float, paused_per_step: float) -> dict:
+        """The steady steps' times, the slowest rank's per step (one all-reduce), kept in results.json (averaged
+        in blocks beyond MAX_STEP_TIMES points) so a later comparison can recompute intervals; and the spread of
+        each steady figure (vitbench.stats: median, p5/p95, a block-bootstrap 95% interval of the mean)."""
+        from vitbench import stats
+
+        train, compute = self.step_train_s[first:], self.step_compute_s[first:]
+        n = min(len(train), len(compute))
+        block = max(1, -(-n // MAX_STEP_TIMES))
+        train, compute = _block_means(train[:n], block), _block_means(compute[:n], block)
+        reduced = self.reduce_max(train + compute)
+        train, compute = reduced[:len(train)], reduced[len(train):]
+        return {"step_times": {"first_step": first + 1, "block": block, "samples_per_step": samples_per_step,
+                               "train_s": [round(x, 7) for x in train], "compute_s": [round(x, 7) for x in compute],
+                               "paused_per_step_s": paused_per_step},
+                "spread": {"p_core_steady": stats.spread(compute, samples_per_step),
+                           "p_train_steady": stats.spread(train, samples_per_step),
+                           "p_whole_steady": stats.spread(train, samples_per_step, paused_per_step)}}
+
     def _tflops_per_device(self, images_per_s: float) -> float:
         return self.flops_per_sample * images_per_s / self.world_size / 1e12
+
+
+MAX_STEP_TIMES = 20_000  # points of step times kept per figure in results.json
+
+
+def _block_means(values: list[float], block: int) -> list[float]:
+    """Means of consecutive BLOCK values, whole blocks only: a point's mean time per step."""
+    whole = len(values) // block * block
+    return [sum(values[i:i + block]) / block for i in range(0, whole, block)]
 
 
 def _rate(samples: float, seconds: float) -> float | None:
