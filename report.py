@@ -8,8 +8,11 @@
     python report.py runs/*/ --vendor-readme        # the seed's whole README (硬件环境, 软件环境, 通用指标,
                                                      # 性能指标) for one vendor profile's runs
     python report.py --wandb-workspace ENTITY/PROJECT  # save the standard W&B dashboard (online)
+    python report.py compare BASE CANDIDATE...      # what differs, ratios with 95% intervals and a verdict,
+                                                     # convergence parity (--fail-if-slower PCT: a CI gate)
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +21,9 @@ from vitbench.errors import EXIT_USER_ERROR, UserError, one_line
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="run directories or results.json files")
     p.add_argument("--lang", choices=["zh", "en"], default="zh")
@@ -65,6 +71,48 @@ def publish(args) -> None:
                                          f"({type(e).__name__}: {first}); `wandb login` first, or check the "
                                          "entity and project") from None
         print(f"saved W&B workspace: {workspace.url}")
+
+
+def compare_main(argv) -> int:
+    from vitbench import compare, stats
+
+    p = argparse.ArgumentParser(prog="report.py compare", description=compare.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", help="the base run (a run folder or its results.json)")
+    p.add_argument("candidates", nargs="+", help="runs compared with the base; repeats among them are pooled")
+    p.add_argument("--base-repeat", action="append", default=[], metavar="RUN",
+                   help="a repeat of the base (same Plan but run name, seed, output folder), pooled with it")
+    p.add_argument("--out", type=Path, default=None, help="write compare.md, step_times.png and curves.png here")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of markdown")
+    p.add_argument("--fail-if-slower", type=float, default=None, metavar="PCT",
+                   help="exit 1 when a candidate's p_core or p_train steady is slower than the base by more than "
+                        "PCT%% beyond noise (a regression gate)")
+    p.add_argument("--launch-noise", type=float, default=100 * stats.DEFAULT_LAUNCH_NOISE, metavar="PCT",
+                   help="launch-to-launch spread assumed where a side has fewer than 3 runs (default: %(default)s)")
+    p.add_argument("--parity-threshold", type=float, default=100 * compare.PARITY_THRESHOLD, metavar="PCT",
+                   help="the largest mean relative error of the training loss that still trains like the base "
+                        "(default: %(default)s, FlagPerf's)")
+    args = p.parse_args(argv)
+    try:
+        base, groups = compare.sides([args.base, *args.base_repeat], args.candidates)
+        results = [compare.compare(base, g, args.launch_noise / 100, args.parity_threshold / 100) for g in groups]
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    text = "".join(compare.markdown(r) + "\n" for r in results)
+    sys.stdout.write(json.dumps(results, indent=1) + "\n" if args.json else text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        charts = compare.charts(base, groups, args.out)
+        (args.out / "compare.md").write_text(text + "".join(f"![{c.stem}]({c.name})\n\n" for c in charts))
+        print(f"wrote {args.out / 'compare.md'}", file=sys.stderr)
+    if args.fail_if_slower is not None:
+        slow = [f"{r['candidate']}: {x}" for r in results for x in compare.slower_beyond(r, args.fail_if_slower)]
+        for line in slow:
+            print(f"slower than {results[0]['base']} by more than {args.fail_if_slower:g}% beyond noise: {line}",
+                  file=sys.stderr)
+        return 1 if slow else 0
+    return 0
 
 
 if __name__ == "__main__":

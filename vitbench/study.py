@@ -211,6 +211,33 @@ def timeline_plot(r: dict, rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def parity_markdown(results: list[dict], run_dirs: list[Path]) -> str:
+    """Each run against the fp32 run of the same work, layout and ZeRO stage (the reference precision): does a
+    16-bit precision still train like fp32 (vitbench.compare.parity: loss and top-1)?"""
+    from vitbench.compare import Side, parity
+
+    keyed = [(dict(describe(r)), r, d) for r, d in zip(results, run_dirs)]
+    lines = ["| run | against | loss mean relative error | top-1 at common evaluations | verdict |",
+             "| --- | --- | --- | --- | --- |"]
+    for key, r, d in keyed:
+        if key["precision"] == "fp32":
+            continue
+        ref = next(((rr, dd) for kk, rr, dd in keyed if kk["precision"] == "fp32" and
+                    {**kk, "precision": None} == {**key, "precision": None}), None)
+        if ref is None:
+            continue
+        p = parity(Side([ref[0]], [ref[1]]), Side([r], [d]))
+        if p["verdict"] == "not compared":
+            lines.append(f"| {run_label(r)} | {run_label(ref[0])} | / | / | not compared ({p['note']}) |")
+            continue
+        evals = ", ".join(f"{e['candidate']:.1f} vs {e['base']:.1f}" for e in p["evals"]) or "/"
+        lines.append(f"| {run_label(r)} | {run_label(ref[0])} | {100 * p['loss_mean_relative_error']:.2f}% "
+                     f"(threshold {100 * p['threshold']:.0f}%) | {evals} | {p['verdict']} |")
+    if len(lines) == 2:
+        return "No 16-bit run has an fp32 run of the same work, layout and ZeRO stage to compare with."
+    return "\n".join(lines)
+
+
 # ---- report.md --------------------------------------------------------------------------------------------
 def write_report(results: list[dict], run_dirs: list[Path], out: Path) -> Path:
     out = Path(out)
@@ -236,6 +263,7 @@ def write_report(results: list[dict], run_dirs: list[Path], out: Path) -> Path:
                   "where the device's peak is known (GPUs in the peak table, or `--peak-tflops`).", "",
                   f"![precision x ZeRO]({matrix_plot(group, out / name).name})", ""]
     parts += _notes(notes, "No runs that differ only in precision or ZeRO stage." if not groups else None)
+    parts += ["## Convergence parity against fp32", "", parity_markdown(results, run_dirs), ""]
     parts += ["## Stragglers", "", straggler_markdown(results), ""]
     parts += ["## Step timelines", ""]
     for r, run_dir in zip(results, run_dirs):
