@@ -11,6 +11,7 @@ Pairs share launches, so they are not independent: the share is a rate on this m
 """
 import argparse
 import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def main() -> None:
                         "16", "--mixup", "0", "--cutmix", "0", "--max-steps", str(args.steps), "--epochs", "10",
                         "--timing-warmup-steps", "2", "--log-interval", "5", "--wandb", "off", "--output-dir", str(out),
                         "--run-name", f"run{i}", "--seed", str(i)], check=True, capture_output=True,
-                       env={"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent), "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
         runs.append(out)
     rates = [r["p_core_steady"] for r in load_results(runs)]
     pairs = list(itertools.combinations(runs, 2))

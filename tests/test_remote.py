@@ -259,6 +259,7 @@ def test_a_checkpoint_resumes_only_on_the_data_it_was_trained_on():
         checkpoint.check_data({"data": here}, other)
 
 
+@pytest.mark.slow  # a training launch
 def test_a_run_from_http_and_from_s3_equals_the_run_from_the_local_copy(demo_shards, tmp_path, http, s3):
     """Same seed, same data: the same top-1 and loss, every validation image once; the HTTP server answers 503
     twice and cuts two responses mid-shard."""

@@ -38,7 +38,7 @@ def runs(demo_shards, tmp_path_factory):
                 "--data-dir", str(demo_shards), "--output-dir", str(dirs[name]), "--run-name", name,
                 "--batch-size", "8", "--global-batch-size", "16", "--zero-stage", str(stage), "--max-steps",
                 str(STEPS), "--log-interval", "1", "--checkpoint-every", "2", "--wandb", "off", "--mixup", "0",
-                "--cutmix", "0"]
+                "--cutmix", "0", "--timing-warmup-steps", "1", "--warmup-epochs", "0"]
         launch_machines(args, machines=machines) if machines > 1 else launch(args, processes=processes)
     return dirs
 
@@ -128,3 +128,17 @@ def test_stragglers_show_each_multi_rank_runs_slowest_and_fastest_rank(runs, rep
             assert 0 <= r["data_wait_time_fastest_rank"] <= r["data_wait_time"]
             ms = 1000 * r["compute_time"] / (r["train_samples"] // r["global_batch_size"])
             assert f"| {study.run_label(r)} | {ms:.1f} |" in table
+
+
+def test_the_study_shows_each_steady_figures_spread_and_parity_against_fp32(runs, report):
+    _, text = report
+    spread = section(text, "Spread of the steady figures")
+    for name, run_dir in runs.items():
+        r = results(run_dir)
+        s = r["spread"]["p_core_steady"]
+        assert s["steps"] == STEPS - 1 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
+        assert f"| {study.run_label(r)} | p_core_steady | {s['mean']:.1f} |" in spread
+    parity = section(text, "Convergence parity against fp32")
+    sixteen, fp32 = results(runs["d_2p_16bit_z1"]), results(runs["b_2p_fp32_z1"])
+    row = next(line for line in parity.splitlines() if line.startswith(f"| {study.run_label(sixteen)} |"))
+    assert f"| {study.run_label(fp32)} |" in row and ("trains like the base" in row or "differs" in row)

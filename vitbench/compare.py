@@ -4,7 +4,7 @@ and whether it still trains like the base.
 - Repeats: runs whose Plans are equal but for run name, seed and output folder are one configuration; they are
   pooled (the base's repeats: `--base-repeat`), and the between-run spread widens the interval
   (vitbench.stats). With fewer than 3 runs on a side the launch-to-launch spread is the stated floor
-  (`--launch-noise`, default 10%: these CPU machines' spread, BENCHMARKS.md).
+  (`--launch-noise`, default 15%: what keeps identical launches on these CPU machines within noise, BENCHMARKS.md).
 - Figures: p_core / p_train / p_whole steady (ratio candidate / base, 95% interval from the runs' step times,
   `faster`, `slower` or `within noise`), MFU (the p_core interval, scaled), peak memory and energy per image
   (`less`, `more` or `within noise`, by a stated tolerance: no interval exists for one number per run), final

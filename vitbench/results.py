@@ -26,6 +26,10 @@ Keys (figures in images/s, seconds and GiB; None where a run did not produce one
   img_per_joule, img_per_joule_per_device          trained samples / joules (all devices; one device's share)
   hw_monitor {interval_s, samples, sensors}        each sensor available, or absent with the reason
   checkpoint_time_in_train_window                  the periodic saves inside the train window (out of p_train)
+  step_times {first_step, block, samples_per_step, train_s, compute_s, paused_per_step_s}
+                                                   the steady steps' seconds (slowest rank; averaged in blocks
+                                                   past 20,000 points): what report.py compare resamples
+  spread {p_core_steady, p_train_steady, p_whole_steady: {mean, median, p5, p95, ci95, steps, block}}
   compile_s                                        with --compile: the first step's extra time
   deepspeed_throughput_timer                       with --deepspeed-throughput-timer: DeepSpeed's figure
   (plus the profiler's other timing keys: vitbench.profiler.StepProfiler.summary)
@@ -81,8 +85,15 @@ def build(*, plan, run_name: str, global_step: int, resumed_from_step: int, epoc
 
 
 def summary(results: dict) -> dict:
-    """The W&B run summary: the figures a dashboard compares runs by."""
-    return {k: results[k] for k in SUMMARY_KEYS if k in results}
+    """The W&B run summary: the figures a dashboard compares runs by, with each steady figure's spread (median,
+    p5/p95 and the 95% interval of the mean: vitbench.stats) and the energy figures where measured."""
+    out = {k: results[k] for k in SUMMARY_KEYS if k in results}
+    for figure, s in (results.get("spread") or {}).items():
+        if s:
+            out.update({f"{figure}_median": s["median"], f"{figure}_p5": s["p5"], f"{figure}_p95": s["p95"],
+                        f"{figure}_ci95_low": s["ci95"][0], f"{figure}_ci95_high": s["ci95"][1]})
+    out.update({k: results[k] for k in ("energy_j", "img_per_joule") if results.get(k) is not None})
+    return out
 
 
 def table(results: dict) -> tuple[list, list]:

@@ -211,6 +211,20 @@ def timeline_plot(r: dict, rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def spread_markdown(results: list[dict]) -> str:
+    """Per run and steady figure: the mean, the median and p5-p95 of the per-step rate, and the 95% interval of the
+    mean (a block bootstrap of the run's own steps: vitbench.stats)."""
+    lines = ["| run | figure | mean | median | p5 - p95 | 95% interval of the mean | steps |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        for figure, s in (r.get("spread") or {}).items():
+            if s:
+                lines.append(f"| {run_label(r)} | {figure} | {num(s['mean'], 1)} | {num(s['median'], 1)} | "
+                             f"{num(s['p5'], 1)} - {num(s['p95'], 1)} | {num(s['ci95'][0], 1)} - "
+                             f"{num(s['ci95'][1], 1)} | {s['steps']} |")
+    return "\n".join(lines) if len(lines) > 2 else "No run recorded its step times (older results.json files)."
+
+
 def parity_markdown(results: list[dict], run_dirs: list[Path]) -> str:
     """Each run against the fp32 run of the same work, layout and ZeRO stage (the reference precision): does a
     16-bit precision still train like fp32 (vitbench.compare.parity: loss and top-1)?"""
@@ -263,6 +277,7 @@ def write_report(results: list[dict], run_dirs: list[Path], out: Path) -> Path:
                   "where the device's peak is known (GPUs in the peak table, or `--peak-tflops`).", "",
                   f"![precision x ZeRO]({matrix_plot(group, out / name).name})", ""]
     parts += _notes(notes, "No runs that differ only in precision or ZeRO stage." if not groups else None)
+    parts += ["## Spread of the steady figures", "", spread_markdown(results), ""]
     parts += ["## Convergence parity against fp32", "", parity_markdown(results, run_dirs), ""]
     parts += ["## Stragglers", "", straggler_markdown(results), ""]
     parts += ["## Step timelines", ""]
