@@ -1,6 +1,7 @@
 """`report.py compare` on real launches: two identical ones are within noise and train alike; a depth-6 model
 against depth 2 is slower, with the depth listed first, and fails a --fail-if-slower 10 gate; another seed trains
-like the base (seeds 0 and 1, its repeats), lr x30 does not. Six short one-process runs (about 10 s each)."""
+like the base (seeds 0 and 1, its repeats), and so does a 16-bit precision against fp32; lr x30 does not. Seven
+short one-process runs (about 10 s each where the CPU has bf16 units; slower without)."""
 
 import json
 import subprocess
@@ -11,13 +12,21 @@ from conftest import BIN, REPO, TINY, launch
 pytestmark = pytest.mark.slow
 
 
+def sixteen_bit() -> str:
+    """bf16 where DeepSpeed's accelerator reports it, else amp: the test asks the machine."""
+    from deepspeed.accelerator import get_accelerator
+
+    return "bf16" if get_accelerator().is_bf16_supported() else "amp"
+
+
 @pytest.fixture(scope="module")
 def runs(demo_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     specs = {"a": ["--model-kwargs", "depth=2"], "a2": ["--model-kwargs", "depth=2"],
              "deep": ["--model-kwargs", "depth=6"], "seed1": ["--model-kwargs", "depth=2", "--seed", "1"],
              "seed2": ["--model-kwargs", "depth=2", "--seed", "2"],
-             "lr30": ["--model-kwargs", "depth=2", "--lr", "6e-2"]}
+             "lr30": ["--model-kwargs", "depth=2", "--lr", "6e-2"],
+             "16bit": ["--model-kwargs", "depth=2", "--precision", sixteen_bit()]}
     dirs = {}
     for name, extra in specs.items():
         dirs[name] = root / name
@@ -66,3 +75,10 @@ def test_another_seed_trains_like_the_base_and_lr_x30_does_not(runs):
     p = result["parity"]
     assert p["verdict"] == "differs" and p["loss_mean_relative_error"] > p["threshold"] >= 0.02
     assert result["differences"][0]["field"].startswith("plan.recipe")
+
+
+def test_a_16_bit_precision_trains_like_fp32(runs):
+    result, _ = figures(compare(runs["a"], runs["16bit"], "--json"))
+    assert result["parity"]["verdict"] == "trains like the base", result["parity"]
+    assert result["parity"]["threshold"] == 0.02  # FlagPerf's bound: one base run, no repeats to widen it
+    assert result["differences"][0]["field"].startswith("plan.precision")
