@@ -115,6 +115,17 @@ def test_the_devkits_labels_are_read_through_its_meta_mat(folder, tmp_path):
     assert labels == {f"{prep.VAL_PREFIX}{n:08d}": w for n, w in enumerate(truth, 1)}
 
 
+def test_a_devkit_that_is_not_one_is_one_line(tmp_path):
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    (devkit / "data").mkdir(parents=True)
+    with pytest.raises(prep.PrepError, match="not an ILSVRC2012 devkit folder"):
+        prep.read_val_labels(devkit)
+    (devkit / "data" / "meta.mat").write_text("garbage")
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n")
+    with pytest.raises(prep.PrepError, match="cannot read its labels"):
+        prep.read_val_labels(devkit)
+
+
 @pytest.mark.parametrize("text, message", [("ILSVRC2012_val_00000001.JPEG\n", "line 1 is not `<image> <wnid>`"),
                                            ("a.JPEG c/at\n", "line 1 is not"), ("\n", "holds no `<image> <wnid>`")])
 def test_malformed_val_labels_are_one_line_naming_the_file_and_line(tmp_path, text, message):

@@ -70,6 +70,18 @@ def test_a_profile_refused_on_the_command_line_is_one_line(tmp_path, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and "overrides.lr changes the optimizer" in err
 
 
+@pytest.mark.parametrize("text, message", [("batch_size = -5", "overrides.batch_size = -5: must be a finite number >= 1"),
+                                           ("loader = 'tfrecord'", "expected one of wds, dali"),
+                                           ("compile = 'yes'", "expected true or false"),
+                                           ("workers = 'many'", "expected an integer")])
+def test_a_profiles_values_pass_the_flags_own_checks(tmp_path, capsys, text, message):
+    d = profile(tmp_path, f"[overrides]\n{text}\n")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--vendor", str(d)])
+    err = capsys.readouterr().err
+    assert message in err and str(d / "profile.toml") in err and err.count("\n") == 1
+
+
 def test_allowed_overrides_become_defaults_flags_still_win_and_fix_hp_is_the_profile(tmp_path):
     args = cli.parse_args(["--vendor", "nvidia"])
     assert (args.batch_size, args.workers) == (256, 16) and args.fix_hp == {"batch_size": 256, "workers": 16}

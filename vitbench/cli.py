@@ -308,6 +308,7 @@ def parse_args(argv=None, description: str | None = None) -> Flags:
             profile = vendor.load(args.vendor)
         except UserError as e:
             parser.error(one_line(e))
+        _check_overrides(parser, profile)
     if args.demo or profile:  # the demo's, then the profile's values become the defaults: what was typed wins
         parser.set_defaults(**{**(dict(DEMO, data_dir=str(demo.DEFAULT_DIR)) if args.demo else {}),
                                **(profile.overrides if profile else {})})
@@ -319,6 +320,24 @@ def parse_args(argv=None, description: str | None = None) -> Flags:
     args.fix_hp = {**{k: getattr(args, k) for k in (profile.overrides if profile else {})}, **changed}
     args.model_kwargs = dict(args.model_kwargs)
     return args
+
+
+def _check_overrides(parser: argparse.ArgumentParser, profile) -> None:
+    """A profile's values pass the same checks as the flags they stand for (type, range, choices)."""
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in profile.overrides.items():
+        action, where = actions[key], f"{profile.path}: overrides.{key} = {value!r}"
+        if action.nargs == 0:  # a switch (--compile)
+            if not isinstance(value, bool):
+                parser.error(f"{where}: expected true or false")
+            continue
+        try:
+            checked = action.type(str(value)) if action.type else value
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"{where}: {e}")
+        if action.choices and checked not in action.choices:
+            parser.error(f"{where}: expected one of {', '.join(map(str, action.choices))}")
+        profile.overrides[key] = checked
 
 
 def plan(argv=None, description: str | None = None) -> Plan:

@@ -190,12 +190,13 @@ def _devkit_labels(devkit: Path) -> dict[str, str]:
         if not f.is_file():
             raise PrepError(f"{devkit}: not an ILSVRC2012 devkit folder (no {f.relative_to(devkit)})")
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
         synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
         id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
         ids = [int(line) for line in truth.read_text().split()]
-    except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
+    except (MatReadError, ValueError, KeyError, TypeError, IndexError, OSError, UnicodeDecodeError) as e:
         raise PrepError(f"{devkit}: cannot read its labels ({type(e).__name__}: {e})") from None
     missing = sorted({i for i in ids if i not in id_to_wnid})
     if missing:
