@@ -9,14 +9,16 @@ from conftest import REPO
 
 from vitbench import cli
 
-SOURCES = sorted([*REPO.glob("vitbench/*.py"), REPO / "train_vit.py", REPO / "report.py",
-                  REPO / "shards" / "prep_shards.py"])
+SOURCES = sorted([*REPO.glob("vitbench/**/*.py"), REPO / "train_vit.py", REPO / "report.py",
+                  REPO / "shards" / "prep_shards.py"])  # every package under vitbench/, sub-packages too
 LONG_CLASSES_ALLOWED = {"StepProfiler"}
 
 
 def module_name(path: Path) -> str:
     rel = path.relative_to(REPO).with_suffix("")
-    return ".".join(rel.parts) if rel.parts[0] == "vitbench" else rel.name
+    if rel.parts[0] != "vitbench":
+        return rel.name
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
 
 
 def project_imports(path: Path, modules: set[str]) -> set[str]:
