@@ -179,4 +179,4 @@ def test_read_only_output_dir_fails_at_start(demo_shards, tmp_path, small_fs):
     assert proc.returncode == 2 and str(out) in proc.stderr and "Traceback" not in proc.stderr
     assert "cannot create the output directory or write in it" in proc.stderr
     # refused by the Plan, before accelerate or DeepSpeed set anything up (that took ~80 s of a real launch)
-    assert "step 1/" not in proc.stdout and "device(s)" not in proc.stdout and time.time() - t0 < 20
+    assert "step 1/" not in proc.stdout and "device(s)" not in proc.stdout and time.time() - t0 < 30
