@@ -199,10 +199,3 @@ def hardware_for(profile: dict, device_name: str) -> dict:
     match = next((v for k, v in profile.items() if isinstance(v, dict) and k.lower() in device_name.lower()), {})
     return {**plain, **match}
 
-
-def merge_deepspeed(cfg: dict, override: dict) -> dict:
-    """CFG (a DeepSpeed config) with a profile's communication override written over it."""
-    out = dict(cfg)
-    for key, value in override.items():
-        out[key] = {**(out.get(key) or {}), **value} if isinstance(value, dict) else value
-    return out
