@@ -1,4 +1,4 @@
-# make setup     : the virtual environment .venv with the pinned packages (again only when requirements.txt changes)
+# make setup     : the virtual environment .venv with the pinned packages and the project installed editable (again only when pyproject.toml changes)
 # make demo      : set-up, the demo shards, a 2-process training run on them, its table (runs/demo/)
 # make test      : set-up, then the whole test suite (what CI runs)
 # make test-fast : set-up, then the tests that launch no training
@@ -8,7 +8,6 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-export PYTHONPATH := $(CURDIR)
 # DeepSpeed caches its JIT-compiled CPU comm op here, inside the venv, so a fresh clone builds it once.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
@@ -16,14 +15,14 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m vitbench.demo
+	$(BIN)/python -m vitbench.data.demo
 	WANDB_MODE=offline $(BIN)/accelerate launch --config_file accelerate_configs/cpu_1x2.yaml train_vit.py --demo --vendor cpu \
 	    --output-dir runs/demo --resume auto
 	$(BIN)/python report.py runs/demo --lang en --out runs/demo/report

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from vitbench import reporting, seed_readme, study
-from vitbench.errors import EXIT_USER_ERROR, UserError, one_line
+from vitbench.errors import exit_status
 
 
 def main(argv=None) -> int:
@@ -37,12 +37,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.runs and not args.wandb_workspace:
         p.error("give run directories and/or --wandb-workspace")
-    try:
-        publish(args)
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    return exit_status(publish, args)
 
 
 def publish(args) -> None:
@@ -92,13 +87,14 @@ def compare_main(argv) -> int:
     p.add_argument("--parity-threshold", type=float, default=100 * compare.PARITY_THRESHOLD, metavar="PCT",
                    help="the largest mean relative error of the training loss that still trains like the base "
                         "(default: %(default)s, FlagPerf's)")
-    args = p.parse_args(argv)
-    try:
-        base, groups = compare.sides([args.base, *args.base_repeat], args.candidates)
-        results = [compare.compare(base, g, args.launch_noise / 100, args.parity_threshold / 100) for g in groups]
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return exit_status(compare_runs, p.parse_args(argv))
+
+
+def compare_runs(args) -> int:
+    from vitbench import compare
+
+    base, groups = compare.sides([args.base, *args.base_repeat], args.candidates)
+    results = [compare.compare(base, g, args.launch_noise / 100, args.parity_threshold / 100) for g in groups]
     text = "".join(compare.markdown(r) + "\n" for r in results)
     sys.stdout.write(json.dumps(results, indent=1) + "\n" if args.json else text)
     if args.out:

@@ -19,7 +19,6 @@ from vitbench import cli
 if __name__ == "__main__":  # a bad flag, or --help, answers in seconds: before the heavy imports below
     cli.parse_args(sys.argv[1:], __doc__)
 
-import hashlib
 import os
 import time
 import warnings
@@ -36,23 +35,25 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 
-from vitbench import lifecycle, loaders, precision, results
+from vitbench import dist, lifecycle, precision, results
 from vitbench import metrics as M
 from vitbench.checkpoint import CheckpointManager
+from vitbench.data import loaders
+from vitbench.data.loaders import TrainLoader
+from vitbench.data.shardread import Readers, StreamStart
+from vitbench.data.transforms import OnDevice, eval_transform
+from vitbench.data.validation import ValidationStream
 from vitbench.device import Device
 from vitbench.evaluator import Evaluator
 from vitbench.files import write_json_atomic
 from vitbench.guard import DivergenceGuard
-from vitbench.loaders import TrainLoader
 from vitbench.metrics import DeviceMemoryMonitor
 from vitbench.monitor import HardwareMonitor, combine, probe_sensors
-from vitbench.plan import LOSSES, Plan
+from vitbench.optim import StepOutcome, attach, make_optimizer
+from vitbench.plan import Loss, Plan
 from vitbench.profiler import StepProfiler, TraceWindow, train_flops_per_sample
 from vitbench.runinfo import environment
-from vitbench.step import StepOutcome, attach, make_optimizer
 from vitbench.tracking import Tracker
-from vitbench.transforms import OnDevice, eval_transform
-from vitbench.validation import ValidationStream
 
 REPO = Path(__file__).resolve().parent
 # torch.distributed's deprecation notice for a call inside DeepSpeed, printed on every rank.
@@ -65,7 +66,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecat
 def main(argv=None) -> dict:
     plan = cli.plan(argv, __doc__)  # flags -> every decision and check, before any heavy work
     if plan.finished:  # --resume of a finished run: say so (once per node), change nothing
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if dist.is_node_leader():
             print(plan.finished)
         return {}
     run = setup(plan)  # data -> model -> accelerate/DeepSpeed engine -> profiler/tracking
@@ -78,7 +79,9 @@ def main(argv=None) -> dict:
                     prof.compute_start()
                     logits, nonfinite = train_step(run.engine, micro_batches, run.loss_fn, run.loss_sum)
                     prof.step_end()
-                    run.step_done(logits, nonfinite)  # counters, LR schedule, precision and divergence checks
+                    state.step += 1
+                    state.step_in_epoch += 1
+                    run.step_done(logits, nonfinite)  # LR schedule, precision and divergence checks
                     trace.step(state.step)
                     if state.step % measure.log_interval == 0 or state.step == plan.total_steps:
                         run.log_row()
@@ -88,6 +91,8 @@ def main(argv=None) -> dict:
                     if run.checkpoints.due(state.step):
                         with prof.pause("checkpoint"):
                             run.save_checkpoint()
+                if not run.interrupted and state.step_in_epoch >= plan.steps_per_epoch:  # a whole epoch
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if not run.interrupted and run.evaluator.due(state.step, state.step_in_epoch, state.epoch):
                     with prof.pause("eval"):
                         run.evaluate()
@@ -103,7 +108,7 @@ def main(argv=None) -> dict:
 def train_step(engine, micro_batches, loss_fn, loss_sum):
     """Returns the last logits and a device flag: was any micro-batch's loss non-finite (no sync here).
     The DeepSpeed engine is driven directly: it accumulates gradients over micro-batches and, at the
-    accumulation boundary, calls step.RecipeAdamW, which unscales, clips and skips on the device; nothing
+    accumulation boundary, calls optim.RecipeAdamW, which unscales, clips and skips on the device; nothing
     else wraps the hot path and nothing in it reads a value back (tests/test_step.py counts)."""
     nonfinite = torch.zeros((), dtype=torch.bool, device=loss_sum.device)
     for x, y in micro_batches:
@@ -146,21 +151,16 @@ def setup(plan: Plan) -> "Run":
     run_name = broadcast_object_list([plan.run_name or plan.default_run_name(time.strftime("%Y%m%d-%H%M%S"))])[0]
     out_dir = plan.run_dir(run_name, REPO)
     run_lock = lifecycle.RunLock(out_dir) if accelerator.is_main_process else None  # one run per output dir
-    checkpoints = CheckpointManager(
-        plan.checkpoints, out_dir / "checkpoints", accelerator, total_steps=plan.total_steps,
-        # the first save's free-space floor: fp32 weights + two Adam moments
-        min_bytes=12 * plan.n_params, broadcast=broadcast_object_list,
-        meta={"world_size": plan.world_size, "zero_stage": plan.zero_stage, "precision": plan.precision.label,
-              "global_batch_size": recipe.global_batch_size, "model": plan.model, "model_kwargs": plan.model_kwargs,
-              "data": plan.data})
+    checkpoints = CheckpointManager.for_plan(plan, out_dir, accelerator, broadcast=broadcast_object_list)
     checkpoints.agree_on_resume(plan.resume_from)
 
     engine, optimizer, scheduler, state = build_engine(plan, accelerator, checkpoints)
     set_seed(recipe.seed + rank + 1000 * state.step)  # augmentation differs per rank, and after a resume
     mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.smoothing,
-                  num_classes=plan.train.num_classes) if recipe.loss == LOSSES[0] else None
-    loss_fn = {LOSSES[0]: SoftTargetCrossEntropy, LOSSES[1]: lambda: LabelSmoothingCrossEntropy(recipe.smoothing),
-               LOSSES[2]: torch.nn.CrossEntropyLoss}[recipe.loss]()
+                  num_classes=plan.train.num_classes) if recipe.loss.mixes else None
+    loss_fn = {Loss.SOFT_TARGET: SoftTargetCrossEntropy,
+               Loss.LABEL_SMOOTHING: lambda: LabelSmoothingCrossEntropy(recipe.smoothing),
+               Loss.CROSS_ENTROPY: torch.nn.CrossEntropyLoss}[recipe.loss]()
 
     env = environment(device_layer, REPO)
     # power, energy, temperature and utilisation in a background thread (absent sensors recorded as absent)
@@ -168,17 +168,17 @@ def setup(plan: Plan) -> "Run":
     prof, flops = build_profiler(plan, accelerator, device_layer)
     attn = getattr(getattr(engine.module, "blocks", [None])[0], "attn", None)
     config = {"flops_per_sample": flops, "fused_attn": getattr(attn, "fused_attn", None),
-              "optimizer": "vitbench.step.RecipeAdamW (torch fused AdamW; unscale, clip and skip on the device)"}
+              "optimizer": "vitbench.optim.RecipeAdamW (torch fused AdamW; unscale, clip and skip on the device)"}
     tracker = Tracker(plan.tracking, enabled=accelerator.is_main_process, run_dir=out_dir, name=run_name,
                       config={**config, "env": env, "plan": plan.to_json()})
     accelerator.print(f"{run_name}: {plan.model} {plan.img_size}px, {plan.world_size} device(s), "
                       f"{plan.precision.label}, ZeRO-{plan.zero_stage}, global batch {recipe.global_batch_size} = "
                       f"{recipe.batch_size} x {plan.world_size} x {plan.grad_accum} accum, {plan.total_steps} steps "
                       f"({plan.steps_per_epoch}/epoch), lr {recipe.lr:.3g}, loader {plan.loader.kind}")
-    loader = loaders.build(plan.loader, plan.train, rank=rank, world_size=plan.world_size, seed=recipe.seed,
-                           epoch=state.epoch, step_in_epoch=state.step_in_epoch, step=state.step,
-                           steps_per_epoch=plan.steps_per_epoch, grad_accum=plan.grad_accum, device=device,
-                           pin_memory=device_layer.pins_memory)
+    loader = loaders.build(plan.loader, plan.train, readers=Readers(rank, plan.world_size, plan.loader.workers),
+                           start=StreamStart(state.epoch, state.step_in_epoch, state.step), seed=recipe.seed,
+                           optimizer_steps_per_epoch=plan.steps_per_epoch, grad_accum=plan.grad_accum,
+                           device=device, pin_memory=device_layer.pins_memory)
     dtype = plan.precision.input_dtype
     val_stream = ValidationStream(plan.val, eval_transform(plan.img_size), plan.evaluation.batch_size, rank,
                                   plan.world_size, plan.loader.workers)
@@ -195,7 +195,7 @@ def setup(plan: Plan) -> "Run":
 
 def build_engine(plan: Plan, accelerator, checkpoints: CheckpointManager):
     """The model (identical initial weights on every rank), the recipe's AdamW (it unscales, clips and skips on
-    the device: vitbench/step.py), the per-step cosine schedule and the DeepSpeed engine; resumed from the
+    the device: vitbench/optim.py), the per-step cosine schedule and the DeepSpeed engine; resumed from the
     Plan's checkpoint."""
     recipe = plan.recipe
     set_seed(recipe.seed)
@@ -227,24 +227,10 @@ def build_profiler(plan: Plan, accelerator, device_layer: Device) -> tuple[StepP
     prof = StepProfiler(global_batch=plan.recipe.global_batch_size, world_size=plan.world_size,
                         warmup_steps=measured.timing_warmup_steps, synchronize=device_layer.synchronize,
                         make_event=device_layer.make_event(),  # None on synchronous devices (CPU): host clock
-                        reduce_max=lambda values: reduce_max(values, device), flops_per_sample=flops,
+                        reduce_max=lambda values: dist.reduce_max(values, device), flops_per_sample=flops,
                         peak_tflops_per_device=measured.peak_tflops,
                         memory_probe=DeviceMemoryMonitor(device_layer, device).probe)
     return prof, flops
-
-
-def reduce_min(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized():
-        t = t.clone()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return t
-
-
-def reduce_max(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.tolist()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,25 +298,22 @@ class Run:
                 self.train_skipped += b["skipped"]
                 micro.append(self.to_train_input(b["images"], b["labels"]))
             yield micro
-        if state.step_in_epoch >= plan.steps_per_epoch:
-            state.epoch += 1
-            state.step_in_epoch = 0
 
     def step_done(self, logits, nonfinite) -> None:
+        """After main() counted the step: its loss terms, the LR schedule, the precision (first step) and the
+        divergence guard."""
         state = self.state
         self.loss_terms += self.plan.grad_accum
         if self.logits_dtype is None:  # first step of this launch: is the precision what its label says?
             self.logits_dtype = logits.dtype
             self.plan.precision.verify(precision.in_effect(self.engine, logits.dtype))
-        state.step += 1
-        state.step_in_epoch += 1
         self.guard.step_done(state.step, nonfinite, self.outcome.skipped())
         self.scheduler.step_update(state.step)
 
     def check_finite(self) -> None:
         """All ranks agree on the first step the run cannot recover from, and stop before that step can reach
         a checkpoint, a log row or an evaluation."""
-        self.guard.check(reduce_min=reduce_min, loss_scale=lambda: precision.loss_scale(self.engine))
+        self.guard.check(reduce_min=dist.reduce_min, loss_scale=lambda: precision.loss_scale(self.engine))
 
     def log_row(self) -> None:
         self.check_finite()
@@ -358,7 +341,7 @@ class Run:
     def evaluate(self) -> None:
         self.check_finite()  # a model whose loss went non-finite is not evaluated
         state, target = self.state, self.plan.evaluation.target_acc1
-        final = self.evaluator.run(self.engine, state.epoch, state.step)
+        final = self.evaluator.evaluate(self.engine, state.epoch, state.step)
         self.tracker.log_eval(state.epoch, state.step, final)
         self.accelerator.print(f"eval epoch {state.epoch} step {state.step}: top-1 {final[M.ACC1]:.2f}  "
                                f"top-5 {final[M.ACC5]:.2f}  loss {final[M.VAL_LOSS]:.4f}  "
@@ -387,9 +370,11 @@ def finish(run: Run) -> dict:
         epochs_done=state.epoch, interrupted=run.interrupted, evals=run.evaluator.evals,
         reached_target=run.evaluator.reached_target, checkpoint_saves=run.checkpoints.saves,
         train_skipped=int(accelerator.reduce(torch.tensor(run.train_skipped, device=device), reduction="sum").item()),
-        e2e_time=reduce_max([time.time() - psutil.Process().create_time()], device)[0], timing=timing, hardware=hardware,
+        e2e_time=dist.reduce_max([time.time() - psutil.Process().create_time()], device)[0], timing=timing,
+        hardware=hardware,
         precision_in_effect=precision.in_effect(run.engine, run.logits_dtype),
-        replica_checksums=replica_checksums(run.engine, plan.zero_stage), environment=run.env, config=run.config,
+        replica_checksums=dist.replica_checksums(run.engine.module, plan.zero_stage), environment=run.env,
+        config=run.config,
         deepspeed_throughput_timer={"samples_per_sec": timer.avg_samples_per_sec(), "start_step": timer.start_step}
         if timer else None)
     if accelerator.is_main_process:
@@ -403,16 +388,6 @@ def finish(run: Run) -> dict:
     if run.interrupted:
         sys.exit(lifecycle.EXIT_INTERRUPTED)
     return out
-
-
-def replica_checksums(engine, zero_stage: int) -> list[str] | None:
-    """A digest of every rank's full weights (ZeRO 0-2 keep a full replica per rank): all equal, or a bug."""
-    if zero_stage == 3:
-        return None
-    h = hashlib.sha256()
-    for p in engine.module.parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return gather_object([h.hexdigest()[:16]])
 
 
 def format_row(step, total, row) -> str:

@@ -9,17 +9,15 @@ core, the policies side by side in alternating rounds (medians): FlagPerf's `ra`
 import argparse
 import io
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import torch
+from PIL import Image
+
+from vitbench.data import demo, shardformat, shardread, transforms
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from vitbench import demo, shardformat, shardread, transforms  # noqa: E402
 
 POLICIES = ("ra", "rand-m9-mstd0.5", "none")
 

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from vitbench.precision import SPECS, set_tf32
 
-from vitbench.precision import SPECS, set_tf32  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = dict(model="vit_tiny_patch16_224", img_size=32, model_kwargs={"patch_size": 8, "depth": 2}, batch_size=8,
             steps=6, warmup=2)

@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from vitbench import compare, stats
+from vitbench.data import demo
+from vitbench.reporting import load_results
 
-from vitbench import compare, demo, stats  # noqa: E402
-from vitbench.reporting import load_results  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
                         "16", "--mixup", "0", "--cutmix", "0", "--max-steps", str(args.steps), "--epochs", "10",
                         "--timing-warmup-steps", "2", "--log-interval", "5", "--wandb", "off", "--output-dir", str(out),
                         "--run-name", f"run{i}", "--seed", str(i)], check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
         runs.append(out)
     rates = [r["p_core_steady"] for r in load_results(runs)]
     pairs = list(itertools.combinations(runs, 2))

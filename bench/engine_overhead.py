@@ -15,15 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from vitbench import dsconfig, precision
+from vitbench.runinfo import free_port
+
+from ceiling import plain_step
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from ceiling import plain_step  # noqa: E402
-
-from vitbench import dsconfig, precision  # noqa: E402
-from vitbench.runinfo import free_port  # noqa: E402
 
 VARIANTS = {  # name: (engine, precision label, ZeRO stage)
     **{f"plain {label}": ("plain", label, None) for label in ("fp32", "amp", "bf16")},
@@ -34,11 +33,11 @@ VARIANTS = {  # name: (engine, precision label, ZeRO stage)
 
 def make_step(kind, label, stage, args):
     """One optimizer step as a function: the plain PyTorch step (bench/ceiling.py's), or the trainer's
-    DeepSpeed wiring (our config, step.make_optimizer, step.attach) driven like train_vit.train_step."""
+    DeepSpeed wiring (our config, optim.make_optimizer, optim.attach) driven like train_vit.train_step."""
     import deepspeed
     import timm
 
-    from vitbench import step as recipe
+    from vitbench import optim as recipe
 
     torch.manual_seed(0)
     model = timm.create_model(args.model, img_size=args.img_size, num_classes=1000, **args.kwargs)

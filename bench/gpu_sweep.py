@@ -15,14 +15,13 @@ keeps what it measured; --append adds to it); prints the table last.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+
 
 # (precision, ZeRO stage, compile, loader): precisions at ZeRO-1, stages in bf16, compile in bf16 and tf32,
 # the DALI loader against the default one in bf16 (p_train / p_core says how much data loading still costs).
@@ -46,7 +45,7 @@ def main():
     p.add_argument("--no-ceiling", action="store_true", help="skip bench/ceiling.py beside each row")
     args = p.parse_args()
 
-    from vitbench import demo
+    from vitbench.data import demo
 
     shards = demo.build(progress=False)
     if args.cpu_smoke:
@@ -78,9 +77,7 @@ def main():
                "--output-dir", str(run_dir), "--eval-batch-size", "250", "--loader", loader,
                *(["--compile"] if compile_ else [])]
         t = time.time()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         row = {"config": name, "precision": prec, "zero_stage": stage, "compile": compile_, "loader": loader,
                "wall_s": round(time.time() - t, 1)}
         if proc.returncode == 0:

@@ -21,15 +21,13 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from vitbench import demo, shardformat, transforms, wds_loader  # noqa: E402
+from vitbench.data import demo, shardformat, transforms, wds_loader
+from vitbench.data.shardread import Readers
 
 
 def rate(loader, images: int, skip_batches: int) -> float:
@@ -57,10 +55,10 @@ def single_core_rate(files, transform, images: int) -> float:
 
 
 def dali_rate(train, args, auto_augment, device, images: int, skip_batches: int = 4) -> float:
-    from vitbench.dali_loader import DaliTrainLoader
+    from vitbench.data.dali_loader import DaliTrainLoader
 
-    loader = DaliTrainLoader(train, args.img_size, auto_augment, args.batch_size, rank=0, world_size=1,
-                             threads=args.workers, seed=0, repeats=1, device=device)
+    loader = DaliTrainLoader(train, args.img_size, auto_augment, batch_size=args.batch_size,
+                             readers=Readers(0, 1, args.workers), seed=0, repeats=1, device=device)
     batches = loader.batches(skip_batches + images // args.batch_size + 1)
     for _ in range(skip_batches):  # pipeline start-up and prefetch filling are not timed
         next(batches)
@@ -104,8 +102,8 @@ def main():
     steps = args.images // args.batch_size + skip + 2
 
     def ours(transform, repeats=1):
-        return wds_loader.train_loader(train, transform, args.batch_size, steps, rank=0, world_size=1, workers=args.workers,
-                                 seed=0, epoch=0, repeats=repeats)
+        return wds_loader.train_loader(train, transform, batch_size=args.batch_size, micro_batches=steps,
+                                       readers=Readers(0, 1, args.workers), seed=0, repeats=repeats)
 
     from torchvision.datasets import ImageFolder
 

@@ -13,20 +13,17 @@ The last line is JSON.
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import timm
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-from vitbench import metrics as M  # noqa: E402
-from vitbench.device import Device  # noqa: E402
-from vitbench.profiler import StepProfiler  # noqa: E402
-from vitbench.tracking import Tracker, TrackingSpec  # noqa: E402
+from vitbench import metrics as M
+from vitbench.device import Device
+from vitbench.profiler import StepProfiler
+from vitbench.tracking import Tracker, TrackingSpec
 
 
 def main():

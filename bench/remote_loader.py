@@ -13,18 +13,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from vitbench.data import demo, shardformat, transforms, wds_loader
+from vitbench.data.shardread import Readers
+from vitbench.testing.servers import FileServer, S3Server
+
+from loader import rate
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
-
-import torch  # noqa: E402
-from loader import rate  # noqa: E402
-from servers import FileServer, S3Server  # noqa: E402
-
-from vitbench import demo, shardformat, transforms, wds_loader  # noqa: E402
 
 
 def main():
@@ -52,8 +52,8 @@ def main():
         the same for all three), on the cores the loader workers need too."""
         train = shardformat.load_split(where, "train")
         cpu = time.process_time()
-        img_s = rate(wds_loader.train_loader(train, tf, args.batch_size, steps, rank=0, world_size=1,
-                                             workers=args.workers, seed=0, epoch=0), args.images, skip)
+        img_s = rate(wds_loader.train_loader(train, tf, batch_size=args.batch_size, micro_batches=steps,
+                                             readers=Readers(0, 1, args.workers), seed=0), args.images, skip)
         return img_s, time.process_time() - cpu
 
     sources = {"local": str(shards_dir), "http": http.url, "s3": s3.url}

@@ -4,7 +4,7 @@ CPU: host read-backs (each a device synchronization on a GPU), bytes written and
 plain PyTorch step of the same model, batch and precision (bench/ceiling.py's step: autocast, GradScaler for
 fp16, clip_grad_norm_, fused AdamW).
 
-    python bench/step_costs.py                    # the trainer's wiring (vitbench/step.py)
+    python bench/step_costs.py                    # the trainer's wiring (vitbench/optim.py)
     python bench/step_costs.py --wiring before    # the wiring before it (DeepSpeed clips; bf16 weights)
 
 Read-backs: calls of Tensor.item/__bool__/__float__/__int__/__index__/tolist/cpu/numpy during the step.
@@ -22,33 +22,13 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vitbench import dsconfig, optim, precision
+from vitbench.runinfo import free_port
+from vitbench.testing.readbacks import CountReadbacks
+
+from ceiling import plain_step
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from ceiling import plain_step  # noqa: E402
-
-from vitbench import dsconfig, precision, step  # noqa: E402
-from vitbench.runinfo import free_port  # noqa: E402
-
-READBACKS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
-
-
-class CountReadbacks:
-    """Counts the Tensor methods that copy a value to the host (each a device synchronization on a GPU)."""
-
-    def __enter__(self):
-        self.calls, self.saved = [], {name: getattr(torch.Tensor, name) for name in READBACKS}
-        for name, original in self.saved.items():
-            def counted(t, *args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(t, *args, **kwargs)
-            setattr(torch.Tensor, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
-
 
 def _tensors(x):
     if isinstance(x, torch.Tensor):
@@ -89,7 +69,7 @@ class CountWrites(TorchDispatchMode):
 
 
 def before_config(spec, stage: int, clip: float) -> dict:
-    """The DeepSpeed config the trainer built before vitbench/step.py: DeepSpeed clips, the shipped
+    """The DeepSpeed config the trainer built before vitbench/optim.py: DeepSpeed clips, the shipped
     overlap_comm, DeepSpeed's bf16 weights for --precision bf16."""
     import json as _json
 
@@ -124,13 +104,13 @@ def measure(kind: str, label: str, stage: int | None) -> dict:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.3, fused=True)
             cfg = before_config(spec, stage, 1.0)
         else:
-            opt = step.make_optimizer(model.parameters(), precision=spec, lr=1e-4, weight_decay=0.3, clip_grad=1.0,
+            opt = optim.make_optimizer(model.parameters(), precision=spec, lr=1e-4, weight_decay=0.3, clip_grad=1.0,
                                       loss_scaling={} if spec.loss_scaler == "vitbench" else None, device="cpu")
             cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=ARGS.batch_size, grad_accum=1,
                                  world_size=1, clip_grad=1.0, precision=spec, zero_stage=stage)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         if kind == "ours":
-            step.attach(engine, opt, world_size=1, zero_stage=stage)
+            optim.attach(engine, opt, world_size=1, zero_stage=stage)
 
         def one_step():
             loss = loss_fn(engine(x).float(), y)

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+
 
 TIMM_EPOCH_RATE = re.compile(r"Train: (\d+) \[\s*(\d+)/(\d+) .*\(([\d.]+)s,\s*([\d.]+)/s\)")
 WARMUP = 6  # updates left out of the steady figures on both sides (timm logs update 5, the 6th)
@@ -58,7 +58,7 @@ def parse_args():
 def demo_shards() -> Path:
     """bench/loader.py's draw (the same call, so the two benchmarks share one build); validation is outside
     both figures compared, so one image per class is enough there."""
-    from vitbench import demo
+    from vitbench.data import demo
 
     return demo.build(REPO / "bench" / "out" / "demo-300", train_per_class=300, val_per_class=1, progress=False)
 
@@ -137,7 +137,7 @@ def main():
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     timm_env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(a.timm).resolve()), env.get("PYTHONPATH", "")])}
-    ours_env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])}
+    ours_env = env  # the installed project (make setup), not timm's checkout
     rows = []
     with tempfile.TemporaryDirectory(prefix="vs_timm-") as tmp:
         tmp = Path(tmp)

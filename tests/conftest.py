@@ -8,7 +8,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO))
 
 # A ViT small enough for CPU tests: 32 px, patch 8 (16 tokens), 2 blocks.
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--model-kwargs", "depth=2",
@@ -18,7 +17,7 @@ TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
     """A small demo set: 10 classes x 12 train / 5 validation images; shards of 7 (uneven last shards)."""
-    from vitbench import demo
+    from vitbench.data import demo
 
     out = tmp_path_factory.mktemp("demo") / "shards"
     demo.build(out, train_per_class=12, val_per_class=5, shard_size=7, progress=False)
@@ -40,7 +39,7 @@ def base_env() -> dict:
 
 def run_env(**extra) -> dict:
     env = base_env()
-    env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     env.update(extra)
     return env

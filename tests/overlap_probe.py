@@ -18,8 +18,7 @@ import timm
 import torch
 from deepspeed import comm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vitbench import dsconfig, precision  # noqa: E402
+from vitbench import dsconfig, precision
 
 REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter_fn", "reduce_scatter_tensor", "reduce_scatter",
               "all_reduce_coalesced", "reduce_scatter_coalesced")

@@ -15,12 +15,10 @@ not clipped and step 2 is. The applied gradient is read where both steps hand it
 import json
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vitbench import dsconfig, precision, step  # noqa: E402
+from vitbench import dsconfig, optim, precision
 
 STEPS = 3
 LOSS_GAIN = (1.0, 10.0, 0.1)  # step 1 under the clip, step 2 over it, step 3 under again
@@ -104,14 +102,14 @@ def ours(label: str, stage: int, accum: int, clip: float) -> dict:
     spec = precision.SPECS[label]
     world, rank = dist.get_world_size(), dist.get_rank()
     model = net()
-    opt = step.make_optimizer(model.parameters(), precision=spec, lr=1e-2, weight_decay=0.3, clip_grad=clip,
+    opt = optim.make_optimizer(model.parameters(), precision=spec, lr=1e-2, weight_decay=0.3, clip_grad=clip,
                               loss_scaling={"init_scale": INIT_SCALE} if spec.loss_scaler == "vitbench" else None,
                               device="cpu")
     cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=MICRO, grad_accum=accum,
                          world_size=world, clip_grad=clip, precision=spec, zero_stage=stage)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    step.attach(engine, opt, world_size=world, zero_stage=stage)
-    outcome = step.StepOutcome(engine, opt)
+    optim.attach(engine, opt, world_size=world, zero_stage=stage)
+    outcome = optim.StepOutcome(engine, opt)
     norms = []
     with AppliedSpy() as spy:
         for gain, micro in zip(LOSS_GAIN, batches(world, accum)):

@@ -5,9 +5,10 @@ import subprocess
 import time
 
 import pytest
-from conftest import BIN, REPO
 
 from vitbench import cli
+
+from conftest import BIN, REPO
 
 
 def refused(argv, capsys) -> str:

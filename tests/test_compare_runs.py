@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import pytest
+
 from conftest import BIN, REPO, TINY, launch
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ def runs(demo_shards, tmp_path_factory):
 
 def compare(*args):
     proc = subprocess.run([str(BIN / "python"), str(REPO / "report.py"), "compare", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": str(BIN)})
+                          capture_output=True, text=True, cwd=REPO, env={"PATH": str(BIN)})
     return proc
 
 

@@ -9,14 +9,15 @@ from collections import Counter
 import pytest
 import torch
 
-from vitbench import checkpoint, cli, plan, reporting, results, shardread
+from vitbench import checkpoint, cli, plan, reporting, results
 from vitbench import metrics as M
 from vitbench.checkpoint import CheckpointError, CheckpointManager, CheckpointSpec
+from vitbench.data import shardread
+from vitbench.data.shardformat import load_split, parse_label
+from vitbench.data.transforms import OnDevice, eval_transform
+from vitbench.data.validation import ValidationStream
 from vitbench.evaluator import EvalSpec, Evaluator
 from vitbench.runinfo import MachineFacts
-from vitbench.shardformat import load_split, parse_label
-from vitbench.transforms import OnDevice, eval_transform
-from vitbench.validation import ValidationStream
 
 CPU = MachineFacts("cpu", "a CPU", None, fp16=False, bf16=True, autocast=True, cpus=2)
 
@@ -148,7 +149,7 @@ def test_every_validation_sample_is_counted_once_and_the_target_is_seen(demo_sha
     order = [c for c, _ in Counter(labels).most_common()]
     model = Constant(order, val.num_classes)
     ev = evaluator(val, EvalSpec(1, 7, 100 * Counter(labels)[order[0]] / len(labels)))
-    result = ev.run(model, epoch=1, step=5)
+    result = ev.evaluate(model, epoch=1, step=5)
     assert result[M.EVAL_SAMPLES] == val.num_samples == len(labels) and result["skipped"] == 0
     assert result[M.ACC1] == pytest.approx(100 * Counter(labels)[order[0]] / len(labels))
     assert result[M.ACC5] == pytest.approx(100 * sum(Counter(labels)[c] for c in order[:5]) / len(labels))
@@ -161,7 +162,7 @@ def test_lockstep_runs_as_many_forwards_as_the_busiest_rank(demo_shards):
     val = load_split(demo_shards, "validation")
     ev = evaluator(val, lockstep=True)
     model = Constant(range(val.num_classes), val.num_classes)
-    ev.run(model, 0, 0)
+    ev.evaluate(model, 0, 0)
     assert model.forwards == ev.stream.max_batches_per_rank()
 
 

@@ -27,7 +27,7 @@ def test_verify_accepts_what_each_label_promises():
     precision.SPECS["fp32"].verify(FP32_EFFECT)
     precision.SPECS["tf32"].verify({**FP32_EFFECT, "tf32_matmul": True, "tf32_cudnn": True})
     precision.SPECS["amp"].verify({**FP32_EFFECT, "logits_dtype": "torch.float16",
-                                   "loss_scaler": "vitbench.step.LossScaler (dynamic, global)"})
+                                   "loss_scaler": "vitbench.optim.LossScaler (dynamic, global)"})
     precision.SPECS["bf16"].verify({**FP32_EFFECT, "logits_dtype": "torch.bfloat16"})  # autocast, fp32 weights
 
 
@@ -178,22 +178,22 @@ def test_committed_launch_configs_load_as_accelerate_reads_them(name, machines, 
 
 # ---- the DeepSpeed adapters, on real engines -------------------------------------------------------------
 def engine_for(label: str, stage: int, grad_accum: int = 1):
-    """A real engine wired as the trainer wires it (step.make_optimizer + step.attach), on one rank."""
+    """A real engine wired as the trainer wires it (optim.make_optimizer + optim.attach), on one rank."""
     import deepspeed
     import torch
 
-    from vitbench import step
+    from vitbench import optim
 
     spec = precision.SPECS[label]
     precision.set_tf32(spec.tf32)  # what the trainer does before building its engine
     cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=2, grad_accum=grad_accum, world_size=1,
                          clip_grad=1.0, precision=spec, zero_stage=stage)
     model = torch.nn.Linear(4, 3)
-    opt = step.make_optimizer(model.parameters(), precision=spec, lr=1e-3, weight_decay=0.0, clip_grad=1.0,
+    opt = optim.make_optimizer(model.parameters(), precision=spec, lr=1e-3, weight_decay=0.0, clip_grad=1.0,
                               loss_scaling={"init_scale": 2.0**16} if spec.loss_scaler == "vitbench" else None,
                               device="cpu")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    step.attach(engine, opt, world_size=1, zero_stage=stage)
+    optim.attach(engine, opt, world_size=1, zero_stage=stage)
     return spec, engine, opt
 
 
@@ -204,17 +204,17 @@ def test_deepspeed_adapters_read_what_the_engine_runs(one_rank_group, label, sta
     import deepspeed
     import torch
 
-    from vitbench import step
+    from vitbench import optim
 
     spec, engine, opt = engine_for(label, stage)
     effect = precision.in_effect(engine)
     spec.verify(effect)  # the real engine is what the label promises
-    assert effect["gradient_clipping"] == "vitbench.step.RecipeAdamW" and engine.gradient_clipping() == 0
+    assert effect["gradient_clipping"] == "vitbench.optim.RecipeAdamW" and engine.gradient_clipping() == 0
     other = "fp32" if label != "fp32" else "amp"
     with pytest.raises(precision.PrecisionError):
         precision.SPECS[other].verify({**effect, "logits_dtype": str(spec.compute_dtype)})
     assert precision.loss_scale(engine) == (2.0**16 if spec.loss_scaler else None)
-    outcome = step.StepOutcome(engine, opt)
+    outcome = optim.StepOutcome(engine, opt)
     engine.backward(engine(torch.randn(2, 4)).float().mean())
     engine.step()
     assert outcome.skipped() is not True and not bool(outcome.skipped()) and engine.global_steps == 1

@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import BIN, REPO, TINY, info, launch, results
 
-from vitbench import dali_loader, shardformat
+from vitbench.data import dali_loader, shardformat
+from vitbench.data.shardread import Readers
+
+from conftest import BIN, REPO, TINY, info, launch, results
 
 CPU = torch.device("cpu")
 
 
 def loader(shards, *, batch_size=6, rank=0, world_size=1, repeats=1, aa=None, seed=0):
-    return dali_loader.DaliTrainLoader(shards, 32, aa, batch_size, rank=rank, world_size=world_size, threads=1,
+    return dali_loader.DaliTrainLoader(shards, 32, aa, batch_size=batch_size, readers=Readers(rank, world_size, 1),
                                        seed=seed, repeats=repeats, device=CPU)
 
 
@@ -57,7 +59,7 @@ def test_index_files_are_dalis_own_format_and_are_used(demo_shards, tmp_path):
     shutil.copytree(demo_shards, tmp_path / "s")
     train = shardformat.load_split(tmp_path / "s", "train")
     assert dali_loader.index_paths(train) is None
-    assert subprocess.run([str(BIN / "python"), "shards/prep_shards.py", "--out", str(tmp_path / "s"), "--split",
+    assert subprocess.run([str(BIN / "python"), "prep_shards.py", "--out", str(tmp_path / "s"), "--split",
                            "train", "--dali-index"], cwd=REPO, capture_output=True).returncode == 0
     reference = tmp_path / "ref.idx"
     subprocess.run([str(BIN / "wds2idx"), train.urls[0], str(reference)], check=True, capture_output=True)

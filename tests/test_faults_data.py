@@ -11,11 +11,14 @@ import time
 import warnings
 
 import pytest
+
+from vitbench import reporting
+from vitbench.data import demo, prep, shardformat, shardread, transforms, validation, wds_loader
+from vitbench.data.shardread import Readers, StreamStart
+
 from conftest import BIN, REPO, TINY, copy_shards, info, launch, remount, results, run_env, wandb_history, write_info
 
-from vitbench import demo, prep, reporting, shardformat, shardread, transforms, validation, wds_loader
-
-PREP = [str(BIN / "python"), str(REPO / "shards/prep_shards.py")]
+PREP = [str(BIN / "python"), str(REPO / "prep_shards.py")]
 
 
 def run_args(shards, out, *extra):
@@ -124,7 +127,7 @@ def test_bad_labels_are_dropped_with_a_warning_naming_shard_and_key(demo_shards,
         assert any(key in m and str(bad) in m and "not a class index in [0, 10)" in m for m in msgs), key
     # the train reader drops them too: every label it yields is a class index
     loader = wds_loader.train_loader(shardformat.ShardSet("train", [str(bad)], [n], 10), transforms.train_transform(32, None),
-                               batch_size=4, steps=4, rank=0, world_size=1, workers=0, seed=0, epoch=0)
+                               batch_size=4, micro_batches=4, readers=Readers(0, 1, 0), seed=0, start=StreamStart(epoch=0))
     batches = list(loader)
     assert all(0 <= int(y) < 10 for b in batches for y in b["labels"])
     assert not set(names.values()) & {k for b in batches for k in b["keys"]}
@@ -139,8 +142,9 @@ def test_shards_without_one_usable_sample_end_the_stream_with_an_error_not_a_spi
     for i, url in enumerate(train.urls[:3]):
         urls.append(str(tmp_path / f"bad-{i:04d}.tar"))
         rewrite_shard(url, urls[-1], change)
-    loader = wds_loader.train_loader(shardformat.ShardSet("train", urls, train.lengths[:3], 10), transforms.train_transform(32, None),
-                               batch_size=4, steps=4, rank=0, world_size=1, workers=0, seed=0, epoch=0)
+    loader = wds_loader.train_loader(shardformat.ShardSet("train", urls, train.lengths[:3], 10),
+                                     transforms.train_transform(32, None), batch_size=4, micro_batches=4,
+                                     readers=Readers(0, 1, 0), seed=0, start=StreamStart(epoch=0))
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -172,7 +176,7 @@ def test_demo_never_replaces_a_directory_it_did_not_make(tmp_path):
     with pytest.raises(prep.PrepError, match=f"{mine}: exists and is not a demo shard directory"):
         demo.build(mine, train_per_class=1, val_per_class=1, progress=False)
     assert (mine / "thesis.tex").read_text() == "years of work"
-    proc = subprocess.run([str(BIN / "python"), "-m", "vitbench.demo", "--out", str(mine)], cwd=REPO,
+    proc = subprocess.run([str(BIN / "python"), "-m", "vitbench.data.demo", "--out", str(mine)], cwd=REPO,
                           env=run_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {mine}: exists and is not a demo shard directory (no demo.json); refusing to replace it: pick "
@@ -325,7 +329,7 @@ def test_a_manifest_that_lies_is_refused_naming_the_file(demo_shards, tmp_path, 
 
 
 def test_prep_refuses_a_malformed_info_file_or_class_index_naming_it(tmp_path):
-    from vitbench import prep
+    from vitbench.data import prep
 
     src = tmp_path / "src"
     demo.make_imagefolder(src, train_per_class=1, val_per_class=0, seed=1)

@@ -10,10 +10,11 @@ import time
 
 import psutil
 import pytest
-from conftest import BIN, REPO, launch, results, run_env
 from test_trainer import common
 
 from vitbench import checkpoint
+
+from conftest import BIN, REPO, launch, results, run_env
 
 pytestmark = pytest.mark.slow
 LAUNCH = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),

@@ -5,12 +5,12 @@ Plan, and every flag is typed."""
 import ast
 from pathlib import Path
 
-from conftest import REPO
-
 from vitbench import cli
 
-SOURCES = sorted([*REPO.glob("vitbench/**/*.py"), REPO / "train_vit.py", REPO / "report.py",
-                  REPO / "shards" / "prep_shards.py"])  # every package under vitbench/, sub-packages too
+from conftest import REPO
+
+COMMANDS = [REPO / "train_vit.py", REPO / "report.py", REPO / "prep_shards.py"]
+SOURCES = sorted([*REPO.glob("vitbench/**/*.py"), *COMMANDS])  # every package under vitbench/, sub-packages too
 LONG_CLASSES_ALLOWED = {"StepProfiler"}
 
 
@@ -52,8 +52,32 @@ def test_no_import_cycle_among_the_projects_modules():
     for m in sorted(graph):
         if m not in state:
             visit(m)
-    assert "vitbench.data" not in modules and graph["vitbench.plan"].isdisjoint({"vitbench.dali_loader",
-                                                                                 "vitbench.wds_loader"})
+    # the Plan opens the data directory through the data package's one entry, never a reader
+    assert graph["vitbench.plan"].isdisjoint({"vitbench.data.dali_loader", "vitbench.data.wds_loader"})
+    assert "vitbench.data" in graph["vitbench.plan"]
+    training = {m for m in modules if not m.startswith("vitbench.testing")}
+    assert [m for m in training if any(n.startswith("vitbench.testing") for n in graph[m])] == []
+
+
+def test_the_data_stack_is_one_package_and_the_commands_sit_side_by_side():
+    data = {p.stem for p in (REPO / "vitbench" / "data").glob("*.py")} - {"__init__"}
+    assert data >= {"shardformat", "shardread", "remote", "loaders", "wds_loader", "dali_loader", "validation", "prep"}
+    assert [p.stem for p in (REPO / "vitbench").glob("*.py") if p.stem in data] == []
+    assert all(c.is_file() for c in COMMANDS)
+
+
+def test_no_file_edits_the_import_path():
+    """The project is installed (`pip install -e .`, make setup): no script, test or bench reaches the package
+    by editing sys.path or by putting the repository on PYTHONPATH (bench/vs_timm.py puts timm's checkout there:
+    another project)."""
+    import re
+
+    files = [p for p in [*REPO.glob("**/*.py"), REPO / "Makefile", *REPO.glob(".ci/*")]
+             if ".venv" not in p.parts and p.is_file()]
+    pattern = re.compile(r"sys\.path\.(insert|append)|sys\.path\[|PYTHONPATH.*\b(REPO|CURDIR|HERE)\b")
+    offenders = [f"{p.relative_to(REPO)}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if pattern.search(line) and p != Path(__file__)]
+    assert offenders == []
 
 
 def test_no_class_over_120_lines_but_the_step_profiler():
@@ -94,7 +118,7 @@ def test_make_clean_removes_only_what_the_demo_and_benches_made(tmp_path):
 
     shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
     made = ["runs/demo/results.json", "shards/demo/_info.json", "bench/out/x.json"]
-    users = ["runs/vit_base_1x8_amp/results.json", "runs/vit_base_1x8_amp/checkpoints/step_1/x", "shards/prep_shards.py",
+    users = ["runs/vit_base_1x8_amp/results.json", "runs/vit_base_1x8_amp/checkpoints/step_1/x", "prep_shards.py",
              "shards/imagenet/_info.json"]
     for rel in made + users:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

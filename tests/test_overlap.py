@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import pytest
+
 from conftest import BIN, REPO, run_env
 
 pytestmark = pytest.mark.slow

@@ -8,11 +8,12 @@ the tests.
 import json
 
 import pytest
-from conftest import REPO
 
 from vitbench import checkpoint, cli, plan
 from vitbench.errors import UserError
 from vitbench.runinfo import MachineFacts
+
+from conftest import REPO
 
 CPU = MachineFacts("cpu", "a CPU without fp16", None, fp16=False, bf16=True, autocast=True, cpus=2)
 H200 = MachineFacts("cuda", "NVIDIA H200", (9, 0), fp16=True, bf16=True, autocast=True, cpus=64, host_ip="10.1.2.3")

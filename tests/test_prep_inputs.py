@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vitbench import demo, prep, remote, shardformat, shardread
+from vitbench.data import demo, prep, remote, shardformat, shardread
 from vitbench.errors import UserError
 
 

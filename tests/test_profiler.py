@@ -3,8 +3,8 @@
 import pytest
 
 from vitbench import metrics as M
-from vitbench.precision import SPECS
 from vitbench.peaks import PEAK_TFLOPS, peak_tflops
+from vitbench.precision import SPECS
 from vitbench.profiler import StepProfiler, train_flops_per_sample
 
 

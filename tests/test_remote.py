@@ -1,4 +1,4 @@
-"""Shards from anywhere (vitbench.remote), against real servers on loopback: a threaded HTTP server that honours
+"""Shards from anywhere (vitbench.data.remote), against real servers on loopback: a threaded HTTP server that honours
 Range and one that does not, with 503s, cut bodies, stalls and cross-origin redirects injected; a stand-in for the
 Hub's API; moto's S3 server. Reads are byte-identical to the local copy, bounded in time when a server never
 recovers, and what they lose is counted like any unreadable shard."""
@@ -12,17 +12,20 @@ import time
 
 import pytest
 import torch
-from conftest import TINY, launch, results
-from servers import FileServer, GcsServer, S3Server
 
-from vitbench import checkpoint, cli, plan, prep, remote, shardread
+from vitbench import checkpoint, cli, plan
+from vitbench.data import prep, remote, shardread
+from vitbench.data.remote import Location, LocationError, RemoteReadError, RetryPolicy, open_file
+from vitbench.data.shardformat import INFO_FILE, DataError, load_split
+from vitbench.data.shardread import Readers, StreamStart
+from vitbench.data.transforms import eval_transform, train_transform
+from vitbench.data.validation import ValidationStream, validation_loader
+from vitbench.data.wds_loader import train_loader
 from vitbench.errors import UserError
-from vitbench.remote import Location, LocationError, RemoteReadError, RetryPolicy, open_file
 from vitbench.runinfo import MachineFacts
-from vitbench.shardformat import INFO_FILE, DataError, load_split
-from vitbench.transforms import eval_transform, train_transform
-from vitbench.validation import ValidationStream, validation_loader
-from vitbench.wds_loader import train_loader
+from vitbench.testing.servers import FileServer, GcsServer, S3Server
+
+from conftest import TINY, launch, results
 
 FAST = RetryPolicy(attempts=4, backoff_s=0.01, stall_s=1.0)
 CPU = MachineFacts("cpu", "a CPU", None, fp16=False, bf16=True, autocast=True, cpus=2)
@@ -152,8 +155,9 @@ def test_two_forked_workers_read_http_and_s3_byte_identical_to_the_local_copy(ht
         tf = train_transform(32, None)
 
         def train_keys(where):
-            return [k for b in train_loader(load_split(where, "train"), tf, batch_size=6, steps=6, rank=0,
-                                            world_size=1, workers=2, seed=3, epoch=0) for k in b["keys"]]
+            loader = train_loader(load_split(where, "train"), tf, batch_size=6, micro_batches=6,
+                                  readers=Readers(0, 1, 2), seed=3, start=StreamStart(epoch=0))
+            return [k for b in loader for k in b["keys"]]
         assert train_keys(url) == train_keys(local)
     assert load_split(s3_server.url, "train").info_sha256 == load_split(s3_root, "train").info_sha256
 
@@ -245,8 +249,8 @@ def test_a_manifest_that_lies_is_refused_or_reported_when_seen(demo_shards, tmp_
     (lying / INFO_FILE).write_text(json.dumps(info))
     train = load_split(lying, "train")
     with pytest.warns(UserWarning, match="ended after 7 samples; _info.json records at least 9"):
-        list(train_loader(train, train_transform(32, None), batch_size=4, steps=15, rank=0, world_size=1,
-                          workers=0, seed=0, epoch=0))
+        list(train_loader(train, train_transform(32, None), batch_size=4, micro_batches=15, readers=Readers(0, 1, 0),
+                          seed=0, start=StreamStart(epoch=0)))
 
 
 def test_a_checkpoint_resumes_only_on_the_data_it_was_trained_on():

@@ -5,9 +5,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, assert_picture
 
 from vitbench import reporting
+
+from conftest import BIN, REPO, assert_picture
 
 DATA = Path(__file__).parent / "data" / "results"
 GOLDEN = Path(__file__).parent / "golden"
@@ -16,7 +17,7 @@ RUNS = [DATA / "a100_1x8.json", DATA / "a100_1x1.json", DATA / "a100_2x8.json"]
 
 def report(*args):
     return subprocess.run([str(BIN / "python"), str(REPO / "report.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": str(BIN)})
+                          text=True, cwd=REPO, env={"PATH": str(BIN)})
 
 
 @pytest.mark.parametrize("lang", ["zh", "en"])
@@ -152,7 +153,7 @@ def test_every_column_names_its_unit_and_the_wandb_row_is_numbers():
 def test_a_workspace_without_a_wandb_login_is_one_line(tmp_path):
     proc = subprocess.run([str(BIN / "python"), str(REPO / "report.py"), "--wandb-workspace", "team/proj"],
                           capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={"PYTHONPATH": str(REPO), "PATH": str(BIN), "HOME": str(tmp_path),
+                          env={"PATH": str(BIN), "HOME": str(tmp_path),
                                "WANDB_BASE_URL": "http://127.0.0.1:9"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --wandb-workspace team/proj: W&B did not")

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+
+from vitbench.data import demo, prep, shardformat, transforms, validation, wds_loader
+from vitbench.data.shardread import Readers, StreamStart
+
 from conftest import BIN, REPO, base_env, info
 
-from vitbench import demo, prep, shardformat, transforms, validation, wds_loader
-
-PREP = [str(BIN / "python"), str(REPO / "shards/prep_shards.py")]
+PREP = [str(BIN / "python"), str(REPO / "prep_shards.py")]
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +255,8 @@ def test_train_stream_yields_promised_batches_per_rank(demo_shards):
     train = shardformat.load_split(demo_shards, "train")
     tf = transforms.train_transform(32, None)
     for rank in range(2):
-        loader = wds_loader.train_loader(train, tf, batch_size=6, steps=5, rank=rank, world_size=2, workers=2, seed=0,
-                                   epoch=0)
+        loader = wds_loader.train_loader(train, tf, batch_size=6, micro_batches=5, readers=Readers(rank, 2, 2), seed=0,
+                                   start=StreamStart(epoch=0))
         batches = list(loader)
         assert len(batches) == 5
         assert all(b["images"].shape == (6, 3, 32, 32) for b in batches)
@@ -282,14 +284,14 @@ def test_train_stream_differs_per_rank_and_epoch_and_repeats_augmentation(demo_s
     tf = transforms.train_transform(32, None)
 
     def keys(rank, epoch, repeats=1):
-        loader = wds_loader.train_loader(train, tf, batch_size=6, steps=3, rank=rank, world_size=2, workers=0, seed=0,
-                                   epoch=epoch, repeats=repeats)
+        loader = wds_loader.train_loader(train, tf, batch_size=6, micro_batches=3, readers=Readers(rank, 2, 0), seed=0,
+                                   start=StreamStart(epoch=epoch), repeats=repeats)
         return _keys_of(loader)
 
     assert keys(0, 0) == keys(0, 0)  # deterministic
     assert keys(0, 0) != keys(1, 0) and keys(0, 0) != keys(0, 1)
-    loader = wds_loader.train_loader(train, tf, batch_size=6, steps=1, rank=0, world_size=1, workers=0, seed=0, epoch=0,
-                               repeats=3)
+    loader = wds_loader.train_loader(train, tf, batch_size=6, micro_batches=1, readers=Readers(0, 1, 0), seed=0,
+                                     start=StreamStart(epoch=0), repeats=3)
     batch = next(iter(loader))
     assert batch["keys"][0] == batch["keys"][1] == batch["keys"][2] != batch["keys"][3]
     assert not (batch["images"][0] == batch["images"][1]).all(), "copies are augmented independently"
@@ -319,9 +321,9 @@ def _epoch_keys(shards, epoch, world_size, workers, repeats, batch_size=6):
     steps = shards.num_samples // (batch_size * world_size)
     keys = []
     for rank in range(world_size):
-        keys += _keys_of(wds_loader.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=rank,
-                                           world_size=world_size, workers=workers, seed=0, epoch=epoch,
-                                           repeats=repeats))
+        keys += _keys_of(wds_loader.train_loader(shards, tf, batch_size=batch_size, micro_batches=steps,
+                                                 readers=Readers(rank, world_size, workers), seed=0,
+                                                 start=StreamStart(epoch=epoch), repeats=repeats))
     return keys
 
 
@@ -349,8 +351,9 @@ def _stream_epochs(shards, epochs, steps, workers, repeats, batch_size=6):
     import psutil
 
     tf = transforms.train_transform(16, None)
-    it = iter(wds_loader.train_loader(shards, tf, batch_size=batch_size, steps=steps, rank=0, world_size=1,
-                                workers=workers, seed=0, epoch=0, repeats=repeats, steps_per_epoch=steps))
+    it = iter(wds_loader.train_loader(shards, tf, batch_size=batch_size, micro_batches=steps,
+                                      readers=Readers(0, 1, workers), seed=0, start=StreamStart(epoch=0),
+                                      repeats=repeats, micro_batches_per_epoch=steps))
     me = psutil.Process()
     keys, workers_seen = [], []
     for _ in range(epochs):

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, REPO, TINY, base_env, info, results
 
 from vitbench import checkpoint
 from vitbench.runinfo import free_port
 from vitbench.tracking import METRICS_FILE
+
+from conftest import BIN, REPO, TINY, base_env, info, results
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
@@ -143,7 +144,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_trains_no_step_twice(clu
     steps = epochs * (info(demo_shards)["splits"]["train"]["num_samples"] // 16)
     env = {**cluster.env, "ACCELERATE_CONFIG": "accelerate_configs/cpu_1x2.yaml", "RUN_NAME": "slurm-mini",
            "OUTPUT_DIR": str(out), "VITBENCH_VENV": str(BIN.parent), "MAIN_PORT": str(free_port()),
-           "CHECKPOINT_EVERY": "1000", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "CHECKPOINT_EVERY": "1000", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
     submit = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",

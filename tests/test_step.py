@@ -5,19 +5,17 @@ nothing back, the loss scaler follows GradScaler's rule, and the divergence guar
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import BIN, REPO, run_env
 
-import step_numerics as sn
-from vitbench import dsconfig, precision, step
+from vitbench import dsconfig, optim, precision
 from vitbench.guard import DivergedError, DivergenceGuard
 from vitbench.runinfo import MachineFacts
+from vitbench.testing.readbacks import CountReadbacks  # the benchmark's read-back counter, the same one
 
-sys.path.insert(0, str(REPO / "bench"))
-from step_costs import CountReadbacks  # noqa: E402  (the benchmark's read-back counter, the same one)
+import step_numerics as sn
+from conftest import BIN, REPO, run_env
 
 # Relative tolerance per precision, for norms and for the whole update vector. The plain step and ours differ
 # only in summation order, except that DeepSpeed's torch_autocast mode reduces (and, with accumulation at
@@ -97,11 +95,11 @@ def test_a_steady_step_reads_nothing_back(one_rank_group, label):
         cfg = dsconfig.build(dsconfig.DS_CONFIG_DIR / "zero1.json", micro_batch=4, grad_accum=2, world_size=1,
                              clip_grad=1.0, precision=spec, zero_stage=stage)
         model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
-        opt = step.make_optimizer(model.parameters(), precision=spec, lr=1e-3, weight_decay=0.3, clip_grad=1.0,
+        opt = optim.make_optimizer(model.parameters(), precision=spec, lr=1e-3, weight_decay=0.3, clip_grad=1.0,
                                   loss_scaling={"init_scale": 2.0**16} if spec.loss_scaler else None, device="cpu")
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-        step.attach(engine, opt, world_size=1, zero_stage=stage)
-        outcome, guard = step.StepOutcome(engine, opt), DivergenceGuard("cpu", loss_scaler=bool(spec.loss_scaler))
+        optim.attach(engine, opt, world_size=1, zero_stage=stage)
+        outcome, guard = optim.StepOutcome(engine, opt), DivergenceGuard("cpu", loss_scaler=bool(spec.loss_scaler))
         loss_fn, loss_sum = LabelSmoothingCrossEntropy(0.11), torch.zeros(())
         micro = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
         counts = []
@@ -118,7 +116,7 @@ def test_a_steady_step_reads_nothing_back(one_rank_group, label):
 # ---- the loss scaler and the divergence guard -------------------------------------------------------------
 def test_loss_scaler_follows_gradscalers_rule():
     """Same sequence of found-inf verdicts -> the same scales as torch.amp.GradScaler (growth, back-off)."""
-    ours = step.LossScaler("cpu", init_scale=2.0**4, growth_interval=3)
+    ours = optim.LossScaler("cpu", init_scale=2.0**4, growth_interval=3)
     theirs = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=3)
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=0.0)
@@ -129,7 +127,7 @@ def test_loss_scaler_follows_gradscalers_rule():
         theirs.update()
         ours.update_after(torch.tensor(bool(found_inf)))
         assert ours.get_scale() == theirs.get_scale()
-    restored = step.LossScaler("cpu")
+    restored = optim.LossScaler("cpu")
     restored.load_state_dict(ours.state_dict())
     assert restored.state_dict() == ours.state_dict()
 

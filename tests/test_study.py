@@ -6,12 +6,13 @@ import re
 import subprocess
 
 import pytest
-from conftest import BIN, REPO, TINY, assert_picture, launch, launch_machines, results
 
 from vitbench import metrics as M
 from vitbench import study
 from vitbench.reporting import sig
 from vitbench.tracking import METRICS_FILE
+
+from conftest import BIN, REPO, TINY, assert_picture, launch, launch_machines, results
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -47,7 +48,7 @@ def runs(demo_shards, tmp_path_factory):
 def report(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     proc = subprocess.run([str(BIN / "python"), str(REPO / "report.py"), *map(str, runs.values()), "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": str(BIN)})
+                          capture_output=True, text=True, cwd=REPO, env={"PATH": str(BIN)})
     assert proc.returncode == 0, proc.stderr
     return out, (out / "report.md").read_text()
 

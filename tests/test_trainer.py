@@ -8,13 +8,25 @@ import subprocess
 import time
 
 import pytest
-from conftest import (BIN, REPO, TINY, info, launch, launch_machines, results, run_env, wandb_history, wandb_records,
-                      wandb_summary)
 
 from vitbench import checkpoint
 from vitbench import metrics as M
 from vitbench.reporting import GPU_OR_FP16_ONLY, WORKSPACE_SECTIONS
 from vitbench.tracking import METRICS_FILE
+
+from conftest import (
+    BIN,
+    REPO,
+    TINY,
+    info,
+    launch,
+    launch_machines,
+    results,
+    run_env,
+    wandb_history,
+    wandb_records,
+    wandb_summary,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -199,7 +211,7 @@ def test_bf16_runs_bf16_and_wandb_without_credentials_goes_offline(demo_shards, 
     assert wandb_summary(out)["summary"]["p_core"] == pytest.approx(results(out)["p_core"])
     eff = results(out)["precision_in_effect"]  # a plain PyTorch bf16 step: autocast over fp32 weights
     assert eff["param_dtype"] == "torch.float32" and eff["logits_dtype"] == "torch.bfloat16"
-    assert eff["autocast_dtype"] == "torch.bfloat16" and eff["gradient_clipping"] == "vitbench.step.RecipeAdamW"
+    assert eff["autocast_dtype"] == "torch.bfloat16" and eff["gradient_clipping"] == "vitbench.optim.RecipeAdamW"
     ds = results(out)["plan"]["deepspeed_config"]
     assert ds["bf16"]["enabled"] is False and ds["torch_autocast"]["enabled"] is True
 
@@ -254,7 +266,7 @@ def test_bad_input_is_one_clear_message_before_heavy_work(tmp_path):
     proc = launch([*common(tmp_path / "nonexistent", out, "--wandb", "off")], processes=1, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/nonexistent/_info.json: not found; make " \
-        "shards with `python shards/prep_shards.py` or point --data-dir at a directory holding _info.json and its " \
+        "shards with `python prep_shards.py` or point --data-dir at a directory holding _info.json and its " \
         "tar shards"
     assert not out.exists(), "nothing may be started for bad input"
     # under accelerate launch (2 ranks): the line once per node, first; then torchrun's own report follows

@@ -8,8 +8,8 @@ from PIL import Image
 from skimage import data
 from torchvision import transforms as T
 
-from vitbench import dali_loader
-from vitbench.transforms import AugmentPolicy, PolicyError, describe, train_transform
+from vitbench.data import dali_loader
+from vitbench.data.transforms import AugmentPolicy, PolicyError, describe, train_transform
 
 PHOTOS = [Image.fromarray(data.astronaut()), Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())]
 

@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from test_plan import H200, ONE_NODE_8, make
 
 from vitbench import cli, reporting, seed_readme, vendor
+
+from conftest import REPO
 
 DATA = Path(__file__).parent / "data" / "results"
 SEED = REPO.parent / "shared" / "seed"

@@ -30,6 +30,7 @@ from vitbench.errors import UserError
 from vitbench.files import fsync, fsync_tree, loads
 
 MARKER = "COMPLETE"
+CHECKPOINTS_DIR = "checkpoints"  # under a run's output directory
 UNIVERSAL = "universal"  # subfolder of a checkpoint: its DeepSpeed-universal conversion
 DS_TAG = "pytorch_model"  # the folder accelerate gives the DeepSpeed engine's checkpoint
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -121,36 +122,6 @@ def resolve_resume(resume: str, root: Path, log=print) -> Path | None:
         raise CheckpointError(f"{root}: none of the {len(found)} complete checkpoint(s) is intact; "
                               "start without --resume or restore one")
     return None
-
-
-def _results(out_dir: Path) -> dict | None:
-    try:
-        r = loads((Path(out_dir) / "results.json").read_text())
-        return r if isinstance(r, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def held_run(out_dir: Path) -> str | None:
-    """What of an earlier run OUT_DIR holds (its results.json, complete checkpoints), or None."""
-    held = []
-    if (r := _results(out_dir)) is not None:
-        held.append(f"results.json of {'an interrupted' if r.get('interrupted') else 'a finished'} run, step "
-                    f"{r.get('global_step')}")
-    if found := complete_checkpoints(Path(out_dir) / "checkpoints"):
-        held.append(f"checkpoint step {found[-1][0]}")
-    return "; ".join(held) or None
-
-
-def finished_run(out_dir: Path, total_steps: int) -> str | None:
-    """For a resume: what to say when OUT_DIR's run already finished (its results.json is not an interrupted
-    run's, and it reached the steps asked for or its target), or None when there is training left."""
-    r = _results(out_dir)
-    if r is None or r.get("interrupted") or not (r.get("global_step", 0) >= total_steps or r.get("reached_target")):
-        return None
-    why = "reached its target top-1" if r.get("reached_target") else f"trained all {total_steps} steps"
-    return (f"{out_dir}: the run finished at step {r.get('global_step')} ({why}); nothing to resume, nothing "
-            "changed (a longer run: raise --epochs or --max-steps)")
 
 
 def check_layout(meta: dict, *, world_size: int, zero_stage: int, global_batch: int, precision: str,
@@ -304,6 +275,15 @@ def save(accelerator, root: Path, step: int, keep: int, meta: dict, min_bytes: i
     return final
 
 
+def identity(plan) -> dict:
+    """What a checkpoint's marker records of the launch that wrote it (PLAN: a plan.Plan), and so what a resume
+    is checked against (check_layout, check_data): the layout, the precision, the global batch, the model, the
+    data."""
+    return {"world_size": plan.world_size, "zero_stage": plan.zero_stage, "precision": plan.precision.label,
+            "global_batch_size": plan.recipe.global_batch_size, "model": plan.model,
+            "model_kwargs": plan.model_kwargs, "data": plan.data}
+
+
 class CheckpointManager:
     """A run's checkpoints: when one is due, saving it (complete-or-ignored, rotated), the launch's choice of
     checkpoint agreed by every rank, and loading it. MIN_BYTES: the least the first save needs (no earlier
@@ -315,6 +295,13 @@ class CheckpointManager:
         self.spec, self.root, self.accelerator = spec, Path(root), accelerator
         self.total_steps, self.meta, self.min_bytes, self.broadcast = total_steps, meta, min_bytes, broadcast
         self.saves: list[dict] = []  # every save of this launch: {step, seconds, bytes} (bytes: main process)
+
+    @classmethod
+    def for_plan(cls, plan, out_dir: Path, accelerator, broadcast: Callable[[list], list]) -> "CheckpointManager":
+        """The run's checkpoints under OUT_DIR/checkpoints, as PLAN (a plan.Plan) decided them."""
+        return cls(plan.checkpoints, Path(out_dir) / CHECKPOINTS_DIR, accelerator, total_steps=plan.total_steps,
+                   meta=identity(plan), broadcast=broadcast,
+                   min_bytes=12 * plan.n_params)  # the first save's free-space floor: fp32 weights + two Adam moments
 
     def due(self, step: int) -> bool:
         """A periodic save after STEP (the end of training always saves, outside this rule)."""

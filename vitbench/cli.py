@@ -16,9 +16,10 @@ import time
 import traceback
 from pathlib import Path
 
-from vitbench import demo, lifecycle, precision, vendor
-from vitbench.errors import EXIT_USER_ERROR, UserError, one_line
-from vitbench.loaders import LOADERS
+from vitbench import lifecycle, precision, vendor
+from vitbench.data import demo
+from vitbench.data.loaders import LOADERS
+from vitbench.errors import EXIT_USER_ERROR, UserError, one_line, print_user_error
 from vitbench.plan import Plan, make_plan
 from vitbench.runinfo import MachineFacts, single_process_env
 
@@ -365,7 +366,7 @@ def run(main, argv=None) -> None:
         return
     except UserError as e:
         if not getattr(e, "same_on_every_local_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {one_line(e)}", file=sys.stderr)  # a Plan error: once per node
+            print_user_error(e)  # a Plan error: once per node
         else:  # the node's first rank says it; exiting first would have the launcher kill it before it can
             time.sleep(LEADER_GRACE_S)
         code = EXIT_USER_ERROR

@@ -58,7 +58,7 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
           precision, zero_stage: int | None, throughput_timer: bool = False, override: dict | None = None) -> dict:
     """The config at PATH with the flags written in; PRECISION is a precision.PrecisionSpec.
     Clipping is DeepSpeed's only under fp16 weights (its fp16 optimizers clip against their own loss scale);
-    otherwise step.RecipeAdamW clips and DeepSpeed's clipping and ZeRO norm (host syncs, see step.py) are off.
+    otherwise optim.RecipeAdamW clips and DeepSpeed's clipping and ZeRO norm (host syncs, see optim.py) are off.
     OVERRIDE: a vendor profile's communication settings (vitbench.vendor checked them), written over the file's."""
     cfg = _read(path)
     for key, value in (override or {}).items():
@@ -96,7 +96,7 @@ def build(path: Path, *, micro_batch: int, grad_accum: int, world_size: int, cli
     zero.setdefault("stage", 0)
     if world_size == 1 and zero["stage"] > 0:  # nothing to overlap; DeepSpeed syncs the device after each backward
         zero["overlap_comm"] = False
-    if zero["stage"] > 0:  # step.RecipeAdamW is torch's fused AdamW with the recipe's clipping: not on its list
+    if zero["stage"] > 0:  # optim.RecipeAdamW is torch's fused AdamW with the recipe's clipping: not on its list
         cfg["zero_allow_untested_optimizer"] = True
     if zero["stage"] in (1, 2) and not precision.deepspeed_clips:
         zero["compute_grad_norm"] = False  # RecipeAdamW computes the norm; DeepSpeed's reads values back
@@ -171,7 +171,7 @@ def deepspeed_version() -> str:
 
 
 # The fp16 keys torch's GradScaler rule has a counterpart for, with their ranges; under --precision amp they set
-# step.LossScaler's initial scale (2**power) and growth interval.
+# optim.LossScaler's initial scale (2**power) and growth interval.
 AMP_SCALING_KEYS = {"initial_scale_power": (0, 64), "loss_scale_window": (1, 10**9)}
 
 

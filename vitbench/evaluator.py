@@ -1,5 +1,5 @@
 """Evaluation: when it is due, and top-1/top-5/loss over every validation sample exactly once across ranks
-(vitbench.validation reads each sample once; the sums are reduced over ranks; nothing is padded or dropped).
+(vitbench.data.validation reads each sample once; the sums are reduced over ranks; nothing is padded or dropped).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from vitbench import metrics as M
-from vitbench.validation import ValidationStream, validation_loader
+from vitbench.data.validation import ValidationStream, validation_loader
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ with IMG_SIZE images whose outputs are discarded."""
     def final(self) -> dict | None:
         return self.evals[-1] if self.evals else None
 
-    def run(self, model, epoch: int, step: int) -> dict:
+    def evaluate(self, model, epoch: int, step: int) -> dict:
         result = evaluate(model, self.stream, self.to_input, self.device, self.reduce_sum, self.pad_to,
                           self.pin_memory)
         self.evals.append({"epoch": epoch, "step": step, **result})

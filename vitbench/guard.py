@@ -5,7 +5,7 @@ checkpoint, log row or evaluation ever follows a step the run could not recover 
 With a loss scaler (amp, fp16) a skipped step is the scaler backing off, and is excused, unless the skips go
 on: more than `max_skips_in_a_row` is divergence, and a non-finite loss in a streak still going when the
 guard is checked counts from the streak's first step. Without one (fp32, tf32, bf16) a skipped step means
-non-finite gradients, as bad as a non-finite loss. step.RecipeAdamW never applies such a step.
+non-finite gradients, as bad as a non-finite loss. optim.RecipeAdamW never applies such a step.
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ import threading
 import time
 from pathlib import Path
 
+from vitbench.checkpoint import CHECKPOINTS_DIR, complete_checkpoints
 from vitbench.errors import UserError
-from vitbench.files import writable_problem
+from vitbench.files import loads, writable_problem
+from vitbench.results import RESULTS_FILE
 
 EXIT_INTERRUPTED = 75
 EXIT_ORPHANED = 76
@@ -71,6 +73,39 @@ class RunLock:
         self.file.flush()
         if problem := writable_problem(out_dir):  # the directory must take real writes, not just a lock file
             raise LockError(f"{out_dir}: not writable ({problem}); pick a writable --output-dir")
+
+
+# ---- What an output directory holds: the verdicts the Plan acts on before RunLock takes the directory ----
+def _results(out_dir: Path) -> dict | None:
+    try:
+        r = loads((Path(out_dir) / RESULTS_FILE).read_text())
+        return r if isinstance(r, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def held_run(out_dir: Path) -> str | None:
+    """What of an earlier run OUT_DIR holds (its results file, complete checkpoints), or None: a new run there is
+    refused (the Plan), so that nothing a user made is overwritten."""
+    held = []
+    if (r := _results(out_dir)) is not None:
+        held.append(f"{RESULTS_FILE} of {'an interrupted' if r.get('interrupted') else 'a finished'} run, step "
+                    f"{r.get('global_step')}")
+    if found := complete_checkpoints(Path(out_dir) / CHECKPOINTS_DIR):
+        held.append(f"checkpoint step {found[-1][0]}")
+    return "; ".join(held) or None
+
+
+def finished_run(out_dir: Path, total_steps: int) -> str | None:
+    """For a resume: what to say when OUT_DIR's run already finished (its results file is not an interrupted
+    run's, and it reached the steps asked for or its target), or None when there is training left."""
+    r = _results(out_dir)
+    if r is None or r.get("interrupted") or not (r.get("global_step", 0) >= total_steps or r.get("reached_target")):
+        return None
+    why = "reached its target top-1" if r.get("reached_target") else f"trained all {total_steps} steps"
+    return (f"{out_dir}: the run finished at step {r.get('global_step')} ({why}); nothing to resume, nothing "
+            "changed (a longer run: raise --epochs or --max-steps)")
+
 
 
 class StopRequest:

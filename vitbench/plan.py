@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from vitbench import checkpoint, dsconfig, remote, tracking
+from vitbench import checkpoint, dsconfig, lifecycle, tracking
 from vitbench.checkpoint import CheckpointSpec
+from vitbench.data import open_data_dir
+from vitbench.data.loaders import LoaderSpec
+from vitbench.data.shardformat import ShardSet
+from vitbench.data.transforms import describe, train_transform
 from vitbench.errors import UserError
-from vitbench.files import writable_problem
 from vitbench.evaluator import EvalSpec
-from vitbench.loaders import LoaderSpec
-from vitbench.precision import SPECS, PrecisionSpec
+from vitbench.files import writable_problem
 from vitbench.peaks import peak_tflops
+from vitbench.precision import SPECS, PrecisionSpec
 from vitbench.runinfo import MachineFacts, layout
-from vitbench.shardformat import ShardSet, load_split, read_info
 from vitbench.tracking import TrackingSpec
-from vitbench.transforms import describe, train_transform
 
 MAX_DEFAULT_WORKERS = 16  # JPEG decoding needs many cores per GPU (FlagPerf uses 16)
 # timm create_model arguments that flags own: setting them through --model-kwargs would contradict a flag.
@@ -51,7 +53,7 @@ class Recipe:
     warmup_lr: float  # the linear warm-up starts here
     decay_steps: int  # the cosine's length, after the warm-up
     min_lr: float
-    loss: str  # one of LOSSES
+    loss: Loss
     smoothing: float
     mixup: float
     cutmix: float
@@ -60,8 +62,24 @@ class Recipe:
     seed: int
 
 
-# Mixup/cutmix make soft targets (smoothing folded in); otherwise label smoothing, or plain cross-entropy.
-LOSSES = ("soft-target-cross-entropy", "label-smoothing-cross-entropy", "cross-entropy")
+class Loss(StrEnum):
+    """The recipe's loss. Mixup/cutmix make soft targets (smoothing folded in); otherwise label smoothing, or
+    plain cross-entropy. Its value is what results.json records."""
+
+    SOFT_TARGET = "soft-target-cross-entropy"  # with timm's Mixup making the targets
+    LABEL_SMOOTHING = "label-smoothing-cross-entropy"
+    CROSS_ENTROPY = "cross-entropy"
+
+    @classmethod
+    def for_recipe(cls, *, mixup: float, cutmix: float, smoothing: float) -> "Loss":
+        if mixup or cutmix:
+            return cls.SOFT_TARGET
+        return cls.LABEL_SMOOTHING if smoothing else cls.CROSS_ENTROPY
+
+    @property
+    def mixes(self) -> bool:
+        """Batches go through timm's Mixup (mixup or cutmix) before the loss."""
+        return self is Loss.SOFT_TARGET
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,7 @@ class Plan:
     tracking: TrackingSpec
     zero_stage: int = 0
     grad_accum: int = 1
-    loss_scaling: dict | None = None  # amp: step.LossScaler's init_scale and growth_interval
+    loss_scaling: dict | None = None  # amp: optim.LossScaler's init_scale and growth_interval
     zero_stage_requested: int = 0  # the config's or --zero-stage's (one process runs ZeRO-0 instead)
     steps_per_epoch: int = 1
     total_steps: int = 1
@@ -173,15 +191,8 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     asked = accelerate_launch_settings(args, environ, per_step)
     precision = SPECS[args.precision or asked.get("precision") or default_precision(lay["nnodes"], machine)]
     precision.check_supported(machine)
-    location = remote.parse(args.data_dir)
-    remote.RetryPolicy.from_env(environ)  # a bad VITBENCH_READ_* is refused now, not at the first shard
-    if location.remote and args.loader == "dali":
-        raise PlanError(f"--loader dali reads local shards only (DALI opens files by path), not {args.data_dir}: "
-                        "use --loader wds, which streams https/s3/gs/hf, or copy the shards to a local disk")
-    location = remote.pin(location)  # hf://: the revision's commit now, the same for every rank and resume
-    info = read_info(location)  # once: every rank reads it, a remote one is a request
-    train, val = load_split(location, "train", info), load_split(location, "validation", info)
-    data = {"source": location.source, "revision": location.revision, "info_sha256": train.info_sha256}
+    data_dir = open_data_dir(args.data_dir, loader_kind=args.loader, environ=environ)
+    train, val, data = data_dir.train, data_dir.val, data_dir.identity
     model_kwargs, n_params = _model(args, train.num_classes)
     loader = LoaderSpec(args.loader, workers, args.batch_size, args.aug_repeats, args.aa, model_kwargs["img_size"])
     loader.check()
@@ -192,9 +203,9 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
     if problem := writable_problem(output_dir or Path(repo) / "runs"):
         raise PlanError(f"{output_dir or Path(repo) / 'runs'}: cannot create the output directory or write in it "
                         f"({problem}); pick a writable --output-dir")
-    resume_from = checkpoint.resolve_resume(args.resume, output_dir / "checkpoints" if output_dir else None,
+    resume_from = checkpoint.resolve_resume(args.resume, output_dir / checkpoint.CHECKPOINTS_DIR if output_dir else None,
                                             log=warnings.append)
-    if output_dir is not None and not args.resume and (held := checkpoint.held_run(output_dir)):
+    if output_dir is not None and not args.resume and (held := lifecycle.held_run(output_dir)):
         raise PlanError(f"{output_dir} holds a run already ({held}): --resume auto continues it; a new run needs a "
                         "new --output-dir (or --run-name)")
     marker = checkpoint.read_marker(resume_from) if resume_from is not None else {}
@@ -226,13 +237,14 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
         ds_config["checkpoint"] = {"load_universal": True}
     steps_per_epoch = max(1, train.num_samples // args.global_batch_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    finished = checkpoint.finished_run(output_dir, total_steps) if args.resume and output_dir else None
+    finished = lifecycle.finished_run(output_dir, total_steps) if args.resume and output_dir else None
     grad_accum = ds_config["gradient_accumulation_steps"]
     return Plan(
         **lay, model=args.model, model_kwargs=model_kwargs, img_size=loader.img_size, n_params=n_params,
         precision=precision, loader=loader, train=train, val=val, ds_config=ds_config, zero_stage=zero_stage,
         grad_accum=grad_accum, loss_scaling=loss_scaling, zero_stage_requested=requested_stage,
-        recipe=_recipe(args, steps_per_epoch, loader.img_size), checkpoints=CheckpointSpec(args.checkpoint_every, args.keep_checkpoints),
+        recipe=_recipe(args, steps_per_epoch, loader.img_size),
+        checkpoints=CheckpointSpec(args.checkpoint_every, args.keep_checkpoints),
         evaluation=EvalSpec(args.eval_every, args.eval_batch_size, args.target_acc1),
         measurement=_measurement(args, machine, precision, warnings),
         tracking=TrackingSpec(args.wandb, args.wandb_project, args.wandb_entity, args.wandb_group),
@@ -247,7 +259,7 @@ def make_plan(args, environ, machine: MachineFacts, repo: Path) -> Plan:
 def _recipe(args, steps_per_epoch: int, img_size: int) -> Recipe:
     lr = args.lr or args.lr_base * args.global_batch_size / args.lr_base_size  # linear scaling
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    loss = LOSSES[0] if args.mixup or args.cutmix else LOSSES[1] if args.smoothing else LOSSES[2]
+    loss = Loss.for_recipe(mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing)
     return Recipe(global_batch_size=args.global_batch_size, batch_size=args.batch_size, lr=lr,
                   weight_decay=args.weight_decay, clip_grad=args.clip_grad, epochs=args.epochs,
                   warmup_steps=warmup_steps, warmup_lr=lr * args.warmup_lr_factor,

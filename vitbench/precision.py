@@ -3,13 +3,13 @@ machine can run it, and a run-time check that what runs is what the label says.
 
   fp32  fp32 weights and math; TF32 off for matmul and cuDNN (FlagPerf's "fp32" rows really ran AMP)
   tf32  fp32 weights; TF32 tensor-core math for matmul and cuDNN
-  amp   fp32 weights, fp16 autocast (DeepSpeed `torch_autocast`), dynamic loss scaling (step.LossScaler)
+  amp   fp32 weights, fp16 autocast (DeepSpeed `torch_autocast`), dynamic loss scaling (optim.LossScaler)
   fp16  DeepSpeed fp16: fp16 weights, fp32 master copy, dynamic loss scale (FlagPerf's `fp16`)
   bf16  fp32 weights, bf16 autocast (DeepSpeed `torch_autocast`): a plain PyTorch bf16 step. DeepSpeed's bf16
         weights ran a per-tensor optimizer at ZeRO-0 (~160 host syncs a step on ViT-B/16) and summed
         accumulated gradients in bf16 unless told otherwise; autocast keeps fp32 gradients everywhere.
 
-The DeepSpeed adapters at the end (loss scale, what is in effect) and those in step.py (skipped steps, the
+The DeepSpeed adapters at the end (loss scale, what is in effect) and those in optim.py (skipped steps, the
 scaler and all-reduce wiring) are the only code that touches DeepSpeed engine attributes outside its documented
 API; tests/test_config.py builds real engines and fails when a DeepSpeed upgrade moves one.
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vitbench.errors import UserError
+from vitbench.optim import installed_scaler
 
 # fp16 dynamic loss scaling as FlagPerf's fp16 rows (DeepSpeed's defaults): a user's config may set each.
 FP16_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
@@ -37,7 +38,7 @@ class PrecisionSpec:
     param_dtype: torch.dtype  # the weights, and so the images fed to the model
     compute_dtype: torch.dtype  # the forward pass (the logits' dtype)
     autocast: bool  # fp32 weights, torch autocast to compute_dtype
-    loss_scaler: str | None  # "deepspeed" (its fp16 optimizer), "vitbench" (step.LossScaler, amp) or None
+    loss_scaler: str | None  # "deepspeed" (its fp16 optimizer), "vitbench" (optim.LossScaler, amp) or None
     tf32: bool
     peak_class: str  # the datasheet column MFU divides by
 
@@ -49,7 +50,7 @@ class PrecisionSpec:
     @property
     def deepspeed_clips(self) -> bool:
         """DeepSpeed's fp16 optimizers scale the loss and clip against that same scale (correctly); every
-        other precision is unscaled, clipped and checked by step.RecipeAdamW, with DeepSpeed's clipping off."""
+        other precision is unscaled, clipped and checked by optim.RecipeAdamW, with DeepSpeed's clipping off."""
         return self.loss_scaler == "deepspeed"
 
     @property
@@ -122,18 +123,9 @@ def set_tf32(enabled: bool) -> None:
 
 
 # ---- DeepSpeed adapters ---------------------------------------------------------------------------------
-def _vitbench_scaler(engine):
-    """The step.LossScaler step.attach installed (amp), where DeepSpeed's torch_autocast mode looks for its
-    GradScaler: on the engine under ZeRO-0, on the ZeRO optimizer under ZeRO 1-3; None without one."""
-    holder = engine.optimizer if engine.zero_optimization() else engine
-    attr = "torch_autocast_gradscaler" if engine.zero_optimization() else "torch_autocast_z0_gradscaler"
-    scaler = getattr(holder, attr, None)
-    return scaler if hasattr(scaler, "scale_tensor") else None
-
-
 def loss_scale(engine) -> float | None:
     """The loss scale in effect (a read back: log rows only): ours under amp, DeepSpeed's fp16 optimizer's."""
-    scaler = _vitbench_scaler(engine)
+    scaler = installed_scaler(engine)
     if scaler is not None:
         return scaler.get_scale()
     return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
@@ -144,8 +136,8 @@ def in_effect(engine, logits_dtype: torch.dtype | None = None) -> dict:
     scaler = None
     if engine.fp16_enabled():
         scaler = "deepspeed dynamic" if engine.dynamic_loss_scale() else "deepspeed static"
-    elif _vitbench_scaler(engine) is not None:
-        scaler = "vitbench.step.LossScaler (dynamic, global)"
+    elif installed_scaler(engine) is not None:
+        scaler = "vitbench.optim.LossScaler (dynamic, global)"
     return {
         "param_dtype": str(next(engine.module.parameters()).dtype),
         "autocast_dtype": str(engine.torch_autocast_dtype()) if engine.torch_autocast_enabled() else None,
@@ -155,7 +147,7 @@ def in_effect(engine, logits_dtype: torch.dtype | None = None) -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
         "tf32_cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32",
         "loss_scaler": scaler,
-        "gradient_clipping": "deepspeed" if engine.gradient_clipping() else "vitbench.step.RecipeAdamW",
+        "gradient_clipping": "deepspeed" if engine.gradient_clipping() else "vitbench.optim.RecipeAdamW",
         "grad_accum_dtype": str(engine.get_data_types()[1]),  # what micro-batch gradients are summed in
         "deepspeed_optimizer": type(engine.optimizer).__name__,  # which of DeepSpeed's precision wrappers ran
     }

@@ -32,6 +32,7 @@ from typing import Callable
 from vitbench import metrics as M
 from vitbench.metrics import DeviceMemoryMonitor
 
+
 def train_flops_per_sample(model_fn: Callable, img_size: int) -> float:
     """Forward + backward FLOPs of one image, from PyTorch's FLOP counter on a meta-device copy of the
     model (no memory, no compute)."""

@@ -24,10 +24,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitbench.data import shardformat
+from vitbench.data.remote import open_file, parse
+from vitbench.data.shardformat import INFO_FILE, DataError, parse_info, split_digests, split_entry, split_member
 from vitbench.errors import UserError
 from vitbench.files import loads, writable_problem, write_json_atomic
-from vitbench.remote import open_file, parse
-from vitbench.shardformat import INFO_FILE, DataError, check_shard_name, parse_info, split_member
 
 DEFAULT_SHARD_SIZE = 1252  # 1,281,167 / 1252 -> 1024 train shards, as timm/imagenet-1k-wds
 JPEG_QUALITY = 90
@@ -456,24 +457,18 @@ def _prepare(src, out, split, name, shard_size, workers, seed, max_side, sources
 
 def verify(out: str | Path, split: str) -> list[str]:
     """Check every shard of a split against `_info.json` (sample count and sha256), locally or at a remote
-    location (vitbench.remote); returns a list of problems (empty: all good)."""
+    location (vitbench.data.remote); returns a list of problems (empty: all good)."""
     location = parse(str(out))
     info_path = location.join(INFO_FILE)
-    try:
-        with open_file(info_path) as f:
-            info = loads(f.read())
-        entry = info["splits"][split]
-        rows = list(zip(entry["filenames"], entry["shard_lengths"], entry["sha256"], strict=True))
-    except FileNotFoundError:
-        return [f"{info_path}: missing"]
-    except KeyError as e:
-        return [f"{info_path}: no {e} entry for split '{split}' (incomplete file; re-run the prep to rewrite it)"]
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
-        return [f"{info_path}: unreadable or malformed ({type(e).__name__}: {e}); re-run the prep to rewrite it"]
+    try:  # the readers' own parser: what --verify accepts, training accepts
+        info = parse_info(shardformat.read_info(location), info_path)
+        names, lengths, _ = split_entry(info, info_path, split)
+        rows = list(zip(names, lengths, split_digests(info, info_path, split)))
+    except DataError as e:
+        return [f"{e}; re-run the prep to rewrite it"]
     problems = []
     for fname, length, digest in rows:
         try:
-            check_shard_name(fname, info_path)  # a name from the file never leaves its directory
             sha, count = digest_and_count(location.join(fname))
         except DataError as e:
             problems.append(str(e))

@@ -1,5 +1,5 @@
 """The WebDataset train loader (`--loader wds`): one rank's micro-batches, epoch after epoch, from DataLoader
-worker processes that read shards (vitbench.shardread) and run timm's transforms.
+worker processes that read shards (vitbench.data.shardread) and run timm's transforms.
 
 Sampling: with at least ranks x workers x repeats shards an epoch reads its part of a seeded permutation of the
 split (PERMUTED: every image of a pass about once); with fewer, every consumer resamples shards (RESAMPLED).
@@ -15,8 +15,17 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vitbench.shardformat import DataError, ShardSet
-from vitbench.shardread import SkipLog, batched, decoded, range_split, tar_samples, worker_init
+from vitbench.data.shardformat import DataError, ShardSet
+from vitbench.data.shardread import (
+    Readers,
+    SkipLog,
+    StreamStart,
+    batched,
+    decoded,
+    range_split,
+    tar_samples,
+    worker_init,
+)
 
 # Consecutive train shards that yield nothing before the run stops instead of resampling forever.
 MAX_CONSECUTIVE_BAD_SHARDS = 20
@@ -35,7 +44,7 @@ def _train_shard_samples(shards, log: SkipLog):
             yield sample
         if end is not None and 0 < got < end - first:
             warnings.warn(f"{shard['url']} ended after {first + got} samples; _info.json records at least {end} "
-                          "(re-make _info.json with shards/prep_shards.py)", stacklevel=2)
+                          "(re-make _info.json with prep_shards.py)", stacklevel=2)
         if got:
             failed.clear()
             continue
@@ -45,7 +54,7 @@ def _train_shard_samples(shards, log: SkipLog):
             dirs = sorted({str(Path(u).parent) for u in failed})
             raise DataError(f"no sample could be read from {len(failed)} train shards in a row under "
                             f"{', '.join(dirs)} ({', '.join(names)}); the train split looks unreadable: check it "
-                            "with `shards/prep_shards.py --verify` or re-make it")
+                            "with `prep_shards.py --verify` or re-make it")
 
 
 PERMUTED, RESAMPLED = "permuted", "resampled"
@@ -150,20 +159,20 @@ class _TrainBatches(IterableDataset):
     shuffle buffer) serves a whole pass; resampled epochs start a stream and a shuffle buffer each, which a
     worker fills while the batches it prefetched still feed the trainer."""
 
-    def __init__(self, urls: list[str], lengths: list[int], transform, batch_size: int, *, rank: int,
-                 world_size: int, workers: int, seed: int, epoch: int, repeats: int, resume_step: int,
-                 first_batches: int, batches_per_epoch: int | None, shuffle_buffer: int, num_classes: int):
+    def __init__(self, urls: list[str], lengths: list[int], transform, batch_size: int, *, readers: Readers,
+                 seed: int, start: StreamStart, repeats: int, first_batches: int, batches_per_epoch: int | None,
+                 shuffle_buffer: int, num_classes: int):
         self.urls, self.lengths, self.transform, self.batch_size = urls, lengths, transform, batch_size
-        self.rank, self.world_size, self.seed, self.repeats = rank, world_size, seed, repeats
-        self.first_epoch, self.resume_step = epoch, resume_step
+        self.rank, self.world_size, self.seed, self.repeats = readers.rank, readers.world_size, seed, repeats
+        self.first_epoch, self.resume_steps = start.epoch, start.optimizer_steps_in_epoch
         self.first_batches, self.batches_per_epoch = first_batches, batches_per_epoch
         self.shuffle_buffer, self.num_classes = shuffle_buffer, num_classes
-        self.sampling = epoch_sampling(len(urls), world_size, workers, repeats)
+        self.sampling = epoch_sampling(len(urls), readers.world_size, readers.workers, repeats)
 
     def _stream(self, epoch: int, worker: int, workers: int, log: SkipLog):
         """Batches from EPOCH on (to the end of its pass when permuted). A launch resumed inside an epoch starts
         that epoch's shards again with other augmentation seeds."""
-        resume = self.resume_step if epoch == self.first_epoch else 0
+        resume = self.resume_steps if epoch == self.first_epoch else 0  # a seed: other augmentation
         stream_seed = wds.utils.make_seed(self.seed, epoch, self.world_size, resume)
         rank_seed = wds.utils.make_seed(stream_seed, self.rank)
         if get_worker_info() is not None:
@@ -196,26 +205,27 @@ class _TrainBatches(IterableDataset):
             epoch, start, count = epoch + 1, start + count, self.batches_per_epoch
 
 
-def train_loader(shards: ShardSet, transform, batch_size: int, steps: int, *, rank: int, world_size: int,
-                 workers: int, seed: int, epoch: int, repeats: int = 1, resume_step: int = 0,
-                 steps_per_epoch: int | None = None, shuffle_buffer: int = 2000, pin_memory: bool = False):
-    """This rank's `steps` batches of epoch EPOCH (the rest of it when the launch resumes inside it,
-    `resume_step` > 0). With `steps_per_epoch`, the stream then goes on with epochs EPOCH + 1, EPOCH + 2, ...
-    of that many batches each, from the same worker processes (_TrainBatches).
+def train_loader(shards: ShardSet, transform, *, batch_size: int, micro_batches: int, readers: Readers,
+                 seed: int, start: StreamStart = StreamStart(), repeats: int = 1,
+                 micro_batches_per_epoch: int | None = None, shuffle_buffer: int = 2000, pin_memory: bool = False):
+    """This rank's first MICRO_BATCHES batches, from START (the rest of its epoch when the launch resumes inside
+    it). With MICRO_BATCHES_PER_EPOCH, the stream then goes on with epochs START.epoch + 1, + 2, ... of that many
+    batches each, from the same worker processes (_TrainBatches).
 
     With at least ranks x workers x repeats shards (`epoch_sampling` PERMUTED) an epoch reads every
     shard of its part of a seeded permutation once (_pass_samples); with fewer, each rank and worker
     resamples shards with replacement (RESAMPLED), so none ever runs dry."""
-    batches = _TrainBatches(list(shards.urls), list(shards.lengths), transform, batch_size, rank=rank,
-                            world_size=world_size, workers=workers, seed=seed, epoch=epoch, repeats=repeats,
-                            resume_step=resume_step, first_batches=steps, batches_per_epoch=steps_per_epoch,
-                            shuffle_buffer=shuffle_buffer, num_classes=shards.num_classes)
-    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       worker_init_fn=worker_init, prefetch_factor=2 if workers else None)
+    batches = _TrainBatches(list(shards.urls), list(shards.lengths), transform, batch_size, readers=readers,
+                            seed=seed, start=start, repeats=repeats, first_batches=micro_batches,
+                            batches_per_epoch=micro_batches_per_epoch, shuffle_buffer=shuffle_buffer,
+                            num_classes=shards.num_classes)
+    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=readers.workers,
+                                       pin_memory=pin_memory, worker_init_fn=worker_init,
+                                       prefetch_factor=2 if readers.workers else None)
 
 
 class WdsTrainLoader:
-    """A TrainLoader (vitbench.loaders) over one DataLoader for the whole launch: its workers carry on from
+    """A TrainLoader (vitbench.data.loaders) over one DataLoader for the whole launch: its workers carry on from
     one epoch into the next (_TrainBatches), and start when the first batch is asked for."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, epoch_sampling: str):

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Convert an ImageFolder tree (ILSVRC2012 layout) into WebDataset tar shards.
 
-    python shards/prep_shards.py --src /data/imagenet/train --out /data/imagenet-wds --split train
-    python shards/prep_shards.py --src /data/imagenet/val   --out /data/imagenet-wds --split validation
-    python shards/prep_shards.py --out /data/imagenet-wds --split train --verify
-    python shards/prep_shards.py --out s3://bucket/imagenet-wds --split train --verify   # also https, gs, hf
-    python shards/prep_shards.py --out /data/imagenet-wds --split train --dali-index
+    python prep_shards.py --src /data/imagenet/train --out /data/imagenet-wds --split train
+    python prep_shards.py --src /data/imagenet/val   --out /data/imagenet-wds --split validation
+    python prep_shards.py --out /data/imagenet-wds --split train --verify
+    python prep_shards.py --out s3://bucket/imagenet-wds --split train --verify   # also https, gs, hf
+    python prep_shards.py --out /data/imagenet-wds --split train --dali-index
 
 Re-running after an interruption keeps completed shards and rebuilds only the rest.
 """
@@ -13,10 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vitbench.prep import DEFAULT_SHARD_SIZE, PrepError, prepare, verify  # noqa: E402
-from vitbench.remote import LocationError, parse  # noqa: E402
-from vitbench.shardformat import DataError, load_split  # noqa: E402
+from vitbench.data.prep import DEFAULT_SHARD_SIZE, prepare, verify
+from vitbench.data.remote import LocationError, parse
+from vitbench.data.shardformat import load_split
+from vitbench.errors import exit_status
 
 
 def positive(text: str) -> int:
@@ -68,17 +68,7 @@ def main(argv=None) -> int:
         args.out = Path(args.out)
 
     if args.dali_index:
-        from vitbench.dali_loader import write_index  # imports torch: only for this option
-
-        try:
-            shards = load_split(args.out, args.split)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        for url in shards.urls:
-            write_index(url)
-        print(f"{args.split}: DALI index written for {len(shards.urls)} shards in {args.out}")
-        return 0
+        return exit_status(write_dali_index, args.out, args.split)
     if args.verify:
         problems = verify(args.out, args.split)
         for line in problems:
@@ -87,19 +77,27 @@ def main(argv=None) -> int:
         return 1 if problems else 0
     if args.src is None:
         p.error("--src is required unless --verify or --dali-index")
-    try:
-        entry = prepare(args.src, args.out, args.split, name=args.name, shard_size=args.shard_size,
-                        workers=args.workers, seed=args.seed, max_side=args.max_side,
-                        class_index=args.class_index, val_labels=args.val_labels)
-    except PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(prepare_and_say, args)
+
+
+def write_dali_index(out: Path, split: str) -> None:
+    from vitbench.data.dali_loader import write_index  # imports torch: only for this option
+
+    shards = load_split(out, split)
+    for url in shards.urls:
+        write_index(url)
+    print(f"{split}: DALI index written for {len(shards.urls)} shards in {out}")
+
+
+def prepare_and_say(args) -> None:
+    entry = prepare(args.src, args.out, args.split, name=args.name, shard_size=args.shard_size,
+                    workers=args.workers, seed=args.seed, max_side=args.max_side,
+                    class_index=args.class_index, val_labels=args.val_labels)
     print(f"{args.split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards -> {args.out}")
     if entry["skipped"]:
         print(f"skipped {len(entry['skipped'])} unreadable file(s) (listed in {args.out}/_info.json):")
         for s in entry["skipped"]:
             print(f"  {s['path']}: {s['reason']}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitbench.data.remote import Location, open_file, parse
 from vitbench.errors import UserError
 from vitbench.files import loads
-from vitbench.remote import Location, open_file, parse
 
 INFO_FILE = "_info.json"
 TAR_BLOCK = 512
@@ -120,6 +120,15 @@ def split_entry(info: dict, info_path, split: str) -> tuple[list[str], list[int]
     return names, lengths, num_classes
 
 
+def split_digests(info: dict, info_path, split: str) -> list[str]:
+    """SPLIT's recorded sha256 per shard (prep writes them; --verify checks the shards against them)."""
+    names, _, _ = split_entry(info, info_path, split)
+    digests = info["splits"][split].get("sha256")
+    if not isinstance(digests, list) or len(digests) != len(names) or not all(isinstance(d, str) for d in digests):
+        raise DataError(f"{info_path}: split '{split}' has no sha256 string for each of its {len(names)} shards")
+    return digests
+
+
 def read_info(location: Location) -> bytes:
     """The bytes of LOCATION's `_info.json` (one request when remote)."""
     info_path = location.join(INFO_FILE)
@@ -127,14 +136,14 @@ def read_info(location: Location) -> bytes:
         with open_file(info_path) as f:
             return f.read()
     except FileNotFoundError:
-        raise DataError(f"{info_path}: not found; make shards with `python shards/prep_shards.py` or point "
+        raise DataError(f"{info_path}: not found; make shards with `python prep_shards.py` or point "
                         "--data-dir at a directory holding _info.json and its tar shards") from None
     except OSError as e:
         raise DataError(f"{info_path}: unreadable ({e.strerror or e})") from None
 
 
 def load_split(data_dir: str | Path | Location, split: str, info: bytes | None = None) -> ShardSet:
-    """SPLIT of the shards at DATA_DIR (a local directory or a remote location, vitbench.remote); INFO: its
+    """SPLIT of the shards at DATA_DIR (a local directory or a remote location, vitbench.data.remote); INFO: its
     `_info.json` when already read. Locally every listed shard must be there and a tar; remotely only the first
     one's header is read (one request, not one per shard from every rank), and a shard that cannot be read
     later counts as lost samples."""
@@ -151,7 +160,7 @@ def load_split(data_dir: str | Path | Location, split: str, info: bytes | None =
     if broken:
         raise DataError(f"{info_path}: split '{split}' has {len(broken)} unreadable shard(s): "
                         + "; ".join(f"{u}: {why}" for u, why in broken[:3])
-                        + "; re-make them with shards/prep_shards.py (--verify lists every problem)")
+                        + "; re-make them with prep_shards.py (--verify lists every problem)")
     return ShardSet(split, urls, lengths, num_classes, hashlib.sha256(raw).hexdigest())
 
 

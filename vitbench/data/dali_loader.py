@@ -4,7 +4,7 @@ On a GPU the JPEGs are decoded by nvjpeg (`device="mixed"`, the hardware decoder
 fused with the RandomResizedCrop region, then resized, flipped and RandAugment-ed on the GPU; on a CPU
 the same graph runs with DALI's CPU operators (so CI runs it). Batches leave the pipeline as uint8 NCHW,
 like the default loader's, and transforms.OnDevice normalizes them: the two loaders feed the model the same way.
-Validation keeps the exactly-once reader of vitbench.validation.
+Validation keeps the exactly-once reader of vitbench.data.validation.
 
 Sharding: DALI splits the split's samples over ranks (`shard_id`/`num_shards`) and reads every sample of its
 part once per DALI epoch: honest epochs. The shards are read in the same order every epoch
@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitbench.data.shardformat import DataError, ShardSet, parse_label, split_member
+from vitbench.data.shardread import Readers
+from vitbench.data.transforms import TORCHVISION_BINS, AugmentPolicy
 from vitbench.device import Device
-from vitbench.shardformat import DataError, ShardSet, parse_label, split_member
-from vitbench.transforms import TORCHVISION_BINS, AugmentPolicy
 
 INDEX_SUFFIX = ".idx"
 EPOCH_SAMPLING = "dali-sharded"  # results.json: DALI's reader splits the samples over ranks, each once per epoch
@@ -135,13 +136,13 @@ def _graph(shards: ShardSet, img_size: int, rand_augment: tuple[int, int] | None
 
 
 class DaliTrainLoader:
-    """A TrainLoader (vitbench.loaders), built once per launch: `batches(n)` yields the default loader's batch
+    """A TrainLoader (vitbench.data.loaders), built once per launch: `batches(n)` yields the default loader's batch
     dicts ({"images" uint8 NCHW, "labels", "keys", "skipped"}) for the next n micro-batches, each full."""
 
     epoch_sampling = EPOCH_SAMPLING
 
-    def __init__(self, shards: ShardSet, img_size: int, auto_augment: str | None, batch_size: int, *, rank: int,
-                 world_size: int, threads: int, seed: int, repeats: int, device: torch.device):
+    def __init__(self, shards: ShardSet, img_size: int, auto_augment: str | None, *, batch_size: int,
+                 readers: Readers, seed: int, repeats: int, device: torch.device):
         from nvidia.dali import pipeline_def
 
         # DALI's own RandAugment calls operators it has since renamed: one warning per op, not ours to fix.
@@ -150,9 +151,9 @@ class DaliTrainLoader:
         self.shards, self.device, self.repeats, self.batch_size = shards, device, repeats, batch_size
         self.gpu = device.type == "cuda"
         pipe = pipeline_def(_graph, enable_conditionals=True)(
-            shards, img_size, rand_augment_args(auto_augment), repeats, rank, world_size, self.gpu,
-            batch_size=-(-batch_size // repeats), num_threads=max(1, threads),  # R copies of each, cut to size
-            device_id=device.index if self.gpu else None, seed=seed + 7919 * rank, prefetch_queue_depth=2)
+            shards, img_size, rand_augment_args(auto_augment), repeats, readers.rank, readers.world_size, self.gpu,
+            batch_size=-(-batch_size // repeats), num_threads=max(1, readers.workers),  # R copies, cut to size
+            device_id=device.index if self.gpu else None, seed=seed + 7919 * readers.rank, prefetch_queue_depth=2)
         try:
             pipe.build()
         except RuntimeError as e:  # DALI does not say which tar: find it (headers only, a failure path)
@@ -166,7 +167,7 @@ class DaliTrainLoader:
         detail = text.split("encountered:", 1)[-1].split("C++ context:", 1)[0].strip()[:300]  # DALI's own words
         where = where or f"a shard under {Path(self.shards.urls[0]).parent}"
         return (f"DALI {what}: {where} ({detail}); DALI cannot skip such samples: find them with "
-                "`shards/prep_shards.py --verify`, or train with the default loader (it skips and counts them)")
+                "`prep_shards.py --verify`, or train with the default loader (it skips and counts them)")
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -197,7 +198,7 @@ class DaliTrainLoader:
             if empty_runs >= MAX_EMPTY_RUNS:
                 raise DataError(f"DALI read {MAX_EMPTY_RUNS} batches in a row under "
                                 f"{Path(self.shards.urls[0]).parent} without one usable sample (every label "
-                                "bad?): check the split with `shards/prep_shards.py --verify`")
+                                "bad?): check the split with `prep_shards.py --verify`")
         n = self.batch_size  # batch not a multiple of R: the last images lose their last copies
         x = torch.cat([p[0] for p in parts])[:n]
         y = torch.cat([p[1] for p in parts])[:n]

@@ -93,7 +93,7 @@ class RecipeAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         if hasattr(self, "grad_scale"):  # torch's GradScaler protocol: it would unscale a second time
-            raise RuntimeError("a torch GradScaler drives RecipeAdamW; step.attach installs step.LossScaler instead")
+            raise RuntimeError("a torch GradScaler drives RecipeAdamW; optim.attach installs optim.LossScaler instead")
         grads = [p.grad for p in self.param_groups[0]["params"] if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)  # clip_grad_norm_'s
         if self.norm_group is not None:  # ZeRO 1-3 across ranks: sum the squares of every rank's slice
@@ -144,14 +144,27 @@ def attach(engine, optimizer: RecipeAdamW, *, world_size: int, zero_stage: int) 
     if zero_stage == 3 and len(engine.optimizer.fp32_partitioned_groups_flat) != 1:
         raise ValueError("zero_optimization.sub_group_size splits the parameters into several optimizer steps; "
                          "remove it (the recipe clips to the norm of all gradients at once)")
-    # Where DeepSpeed's torch_autocast mode keeps its GradScaler: ours (amp) or none. Set at ZeRO 1-3 even
-    # without a scaler: the ZeRO optimizers make one whenever any earlier engine in the process enabled fp16
-    # autocast (a module-level flag in deepspeed/runtime/torch_autocast.py).
-    if zero_stage == 0:
-        if optimizer.scaler is not None:
-            engine.torch_autocast_z0_gradscaler = optimizer.scaler
-    else:
-        engine.optimizer.torch_autocast_gradscaler = optimizer.scaler
+    if optimizer.scaler is not None or zero_stage > 0:
+        # Set at ZeRO 1-3 even without a scaler: the ZeRO optimizers make a GradScaler whenever any earlier
+        # engine in the process enabled fp16 autocast (a module-level flag in deepspeed/runtime/torch_autocast.py).
+        holder, attr = _scaler_slot(engine)
+        setattr(holder, attr, optimizer.scaler)
+
+
+# ---- the one adapter of DeepSpeed's GradScaler slot: written by attach, read by installed_scaler --------
+def _scaler_slot(engine) -> tuple[object, str]:
+    """Where DeepSpeed's torch_autocast mode keeps its GradScaler: on the engine under ZeRO-0, on the ZeRO
+    optimizer under ZeRO 1-3."""
+    if engine.zero_optimization():
+        return engine.optimizer, "torch_autocast_gradscaler"
+    return engine, "torch_autocast_z0_gradscaler"
+
+
+def installed_scaler(engine) -> LossScaler | None:
+    """The LossScaler attach installed (amp), or None."""
+    holder, attr = _scaler_slot(engine)
+    scaler = getattr(holder, attr, None)
+    return scaler if isinstance(scaler, LossScaler) else None
 
 
 class StepOutcome:

@@ -2,7 +2,7 @@
 {"__key__", "__url__", ext: bytes}, decoded and augmented pairs, batches that carry the count of samples
 dropped on the way ("skipped"), so the count survives DataLoader worker processes.
 
-A shard is opened by vitbench.remote.open_file (a local file, or one streaming request with bounded, resumable
+A shard is opened by vitbench.data.remote.open_file (a local file, or one streaming request with bounded, resumable
 retries): no string from a data file ever reaches webdataset's URL opener, whose `pipe:` URLs run shell
 commands, nor any subprocess.
 """
@@ -12,13 +12,32 @@ from __future__ import annotations
 import io
 import tarfile
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import default_collate
 
+from vitbench.data.remote import open_file
+from vitbench.data.shardformat import DataError, parse_label, split_member
 from vitbench.lifecycle import ignore_stop_signals
-from vitbench.remote import open_file
-from vitbench.shardformat import DataError, parse_label, split_member
+
+
+@dataclass(frozen=True)
+class Readers:
+    """Who reads a split: this RANK of WORLD_SIZE, each with WORKERS loader processes (wds) or threads (DALI)."""
+    rank: int
+    world_size: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Where a launch's train stream starts: EPOCH, after OPTIMIZER_STEPS_IN_EPOCH of its optimizer steps (a
+    resume inside it), after OPTIMIZER_STEPS in all. Counts of micro-batches are named so where they are used."""
+    epoch: int = 0
+    optimizer_steps_in_epoch: int = 0
+    optimizer_steps: int = 0
+
 
 # Consecutive samples that are all dropped (bad label, undecodable image) before the run stops: far more than
 # any real split's bad run, far fewer than a spin over shards that hold no usable sample at all.
@@ -99,7 +118,7 @@ def decoded(samples, transform, repeats: int, log: SkipLog, num_classes: int):
             if bad_in_a_row >= MAX_CONSECUTIVE_BAD_SAMPLES:  # readable tars, nothing usable: stop, never spin
                 raise DataError(f"{bad_in_a_row} samples in a row could not be used, the last {sample['__key__']} "
                                 f"of {sample['__url__']} ({why}); the split looks unusable: check it with "
-                                "`shards/prep_shards.py --verify` or re-make it") from None
+                                "`prep_shards.py --verify` or re-make it") from None
             continue
         bad_in_a_row = 0
         for _ in range(repeats):

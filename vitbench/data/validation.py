@@ -9,8 +9,8 @@ import warnings
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vitbench.shardformat import ShardSet
-from vitbench.shardread import SkipLog, batched, decoded, range_split, tar_samples, worker_init
+from vitbench.data.shardformat import ShardSet
+from vitbench.data.shardread import SkipLog, batched, decoded, range_split, tar_samples, worker_init
 
 
 class ValidationStream(IterableDataset):
@@ -49,7 +49,7 @@ class ValidationStream(IterableDataset):
                         if stop == end:
                             warnings.warn(f"{url} holds more samples than the {length} that _info.json records; "
                                           "the extra ones are not evaluated (re-make _info.json with "
-                                          "shards/prep_shards.py)", stacklevel=2)
+                                          "prep_shards.py)", stacklevel=2)
                         break
                     if pos >= lo:
                         yield sample

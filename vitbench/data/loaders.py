@@ -2,8 +2,8 @@
 and the one place that knows the two implementations, for building them and for what the Plan asks of them
 (how an epoch is sampled, what share of the split a pass reads, what to warn about):
 
-  wds   vitbench.wds_loader: our shard reader + PIL/timm transforms in DataLoader worker processes
-  dali  vitbench.dali_loader: NVIDIA DALI (nvjpeg + GPU augmentation; CPU operators on a CPU)
+  wds   vitbench.data.wds_loader: our shard reader + PIL/timm transforms in DataLoader worker processes
+  dali  vitbench.data.dali_loader: NVIDIA DALI (nvjpeg + GPU augmentation; CPU operators on a CPU)
 
 Both hand the trainer full uint8 NCHW micro-batches as dicts {"images", "labels", "keys", "skipped"}; the
 trainer never asks which one it has.
@@ -15,9 +15,10 @@ import importlib.util
 from dataclasses import asdict, dataclass
 from typing import Iterator, Protocol
 
-from vitbench import dali_loader, wds_loader
-from vitbench.shardformat import DataError, ShardSet
-from vitbench.transforms import AugmentPolicy, train_transform
+from vitbench.data import dali_loader, wds_loader
+from vitbench.data.shardformat import DataError, ShardSet
+from vitbench.data.shardread import Readers, StreamStart
+from vitbench.data.transforms import AugmentPolicy, train_transform
 
 LOADERS = ("wds", "dali")
 
@@ -65,26 +66,25 @@ class LoaderSpec:
     def start_warnings(self, shards: ShardSet, world_size: int) -> list[str]:
         if self.kind == "dali" and world_size > 1 and dali_loader.index_paths(shards) is None:
             return [f"--loader dali without index files: each of the {world_size} ranks reads every train shard's "
-                    "headers at start; write them once with `shards/prep_shards.py --split train --dali-index`"]
+                    "headers at start; write them once with `prep_shards.py --split train --dali-index`"]
         return []
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def build(spec: LoaderSpec, shards: ShardSet, *, rank: int, world_size: int, seed: int, epoch: int,
-          step_in_epoch: int, step: int, steps_per_epoch: int, grad_accum: int, device,
-          pin_memory: bool = False) -> TrainLoader:
-    """This rank's train loader for the rest of the launch, which starts at STEP_IN_EPOCH of EPOCH after STEP
-    optimizer steps; an epoch is STEPS_PER_EPOCH steps of GRAD_ACCUM micro-batches. PIN_MEMORY: the device
-    copies from page-locked memory (the device layer's pins_memory)."""
+def build(spec: LoaderSpec, shards: ShardSet, *, readers: Readers, start: StreamStart, seed: int,
+          optimizer_steps_per_epoch: int, grad_accum: int, device, pin_memory: bool = False) -> TrainLoader:
+    """This rank's train loader for the rest of the launch, from START; an epoch is OPTIMIZER_STEPS_PER_EPOCH steps
+    of GRAD_ACCUM micro-batches. PIN_MEMORY: the device copies from page-locked memory (the device layer's
+    pins_memory)."""
     if spec.kind == "dali":  # the pipeline is built here, once per launch (it opens every train shard)
-        return dali_loader.DaliTrainLoader(shards, spec.img_size, spec.auto_augment, spec.batch_size, rank=rank,
-                                           world_size=world_size, threads=spec.workers, seed=seed + 1000 * step,
+        return dali_loader.DaliTrainLoader(shards, spec.img_size, spec.auto_augment, batch_size=spec.batch_size,
+                                           readers=readers, seed=seed + 1000 * start.optimizer_steps,
                                            repeats=spec.repeats, device=device)
+    micro_batches_left = (optimizer_steps_per_epoch - start.optimizer_steps_in_epoch) * grad_accum
     return wds_loader.WdsTrainLoader(wds_loader.train_loader(
-        shards, train_transform(spec.img_size, spec.auto_augment), spec.batch_size,
-        (steps_per_epoch - step_in_epoch) * grad_accum, rank=rank, world_size=world_size, workers=spec.workers,
-        seed=seed, epoch=epoch, resume_step=step_in_epoch, repeats=spec.repeats,
-        steps_per_epoch=steps_per_epoch * grad_accum, pin_memory=pin_memory),
-        spec.epoch_sampling(shards, world_size))
+        shards, train_transform(spec.img_size, spec.auto_augment), batch_size=spec.batch_size,
+        micro_batches=micro_batches_left, readers=readers, seed=seed, start=start, repeats=spec.repeats,
+        micro_batches_per_epoch=optimizer_steps_per_epoch * grad_accum, pin_memory=pin_memory),
+        spec.epoch_sampling(shards, readers.world_size))

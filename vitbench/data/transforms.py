@@ -67,8 +67,7 @@ class AugmentPolicy:
             return RandAugment(num_ops=self.num_ops, magnitude=self.magnitude, num_magnitude_bins=TORCHVISION_BINS,
                                interpolation=InterpolationMode.BILINEAR)
         if self.kind == "timm":
-            from timm.data.auto_augment import (augment_and_mix_transform, auto_augment_transform,
-                                                rand_augment_transform)
+            from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
             from timm.data.transforms import str_to_pil_interp
 
             # the hyper-parameters timm's create_transform gives its policies

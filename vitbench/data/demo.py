@@ -6,7 +6,7 @@ Each photo is a class; each sample is a random crop / rescale / flip / small col
 saved as JPEG (quality 90) with sides of roughly 300-500 px. Train and validation are disjoint
 random draws (different seeds).
 
-    python -m vitbench.demo --out shards/demo
+    python -m vitbench.data.demo --out shards/demo
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import fcntl
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
+from vitbench.data.prep import PrepError, prepare
+from vitbench.data.shardformat import INFO_FILE
+from vitbench.errors import exit_status
 from vitbench.files import write_json_atomic
-from vitbench.prep import PrepError, prepare
-from vitbench.shardformat import INFO_FILE
 
 # Seven colour photographs and three grayscale ones (rendered as RGB): ten classes.
 PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
@@ -112,12 +112,11 @@ def main(argv=None) -> None:
     p.add_argument("--val-per-class", type=int, default=20)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        out = build(args.out, args.train_per_class, args.val_per_class, args.shard_size, args.seed)
-    except PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(exit_status(build_and_say, p.parse_args(argv)))
+
+
+def build_and_say(args) -> None:
+    out = build(args.out, args.train_per_class, args.val_per_class, args.shard_size, args.seed)
     info = json.loads((out / INFO_FILE).read_text())
     for split, e in info["splits"].items():
         print(f"demo {split}: {e['num_samples']} images, {len(e['filenames'])} shards in {out}")
