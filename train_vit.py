@@ -43,7 +43,7 @@ from vitbench.data.loaders import TrainLoader
 from vitbench.data.shardread import Readers, StreamStart
 from vitbench.data.transforms import OnDevice, eval_transform
 from vitbench.data.validation import ValidationStream
-from vitbench.device import Device
+from vitbench.device import Device, pin_jit_build_tools
 from vitbench.evaluator import Evaluator
 from vitbench.files import write_json_atomic
 from vitbench.guard import DivergenceGuard
@@ -51,7 +51,7 @@ from vitbench.metrics import DeviceMemoryMonitor
 from vitbench.monitor import HardwareMonitor, combine, probe_sensors
 from vitbench.optim import StepOutcome, attach, make_optimizer
 from vitbench.plan import Loss, Plan
-from vitbench.profiler import StepProfiler, TraceWindow, train_flops_per_sample
+from vitbench.profiler import StepTimer, TraceWindow, train_flops_per_sample
 from vitbench.runinfo import environment
 from vitbench.tracking import Tracker
 
@@ -70,15 +70,15 @@ def main(argv=None) -> dict:
             print(plan.finished)
         return {}
     run = setup(plan)  # data -> model -> accelerate/DeepSpeed engine -> profiler/tracking
-    state, prof, measure = run.state, run.prof, plan.measurement
-    prof.train_start()
+    state, timer, measure = run.state, run.timer, plan.measurement
+    timer.train_start()
     with closing(run):  # on any exit: loader workers stopped, W&B closed
-        with TraceWindow(measure.profile_steps, state.step, run.out_dir, run.rank, prof.pause) as trace:
+        with TraceWindow(measure.profile_steps, state.step, run.out_dir, run.rank, timer.pause) as trace:
             while not run.over():
                 for micro_batches in run.epoch_batches():  # a step's batches: on the device, normalized, mixed
-                    prof.compute_start()
+                    timer.compute_start()
                     logits, nonfinite = train_step(run.engine, micro_batches, run.loss_fn, run.loss_sum)
-                    prof.step_end()
+                    timer.step_end()
                     state.step += 1
                     state.step_in_epoch += 1
                     run.step_done(logits, nonfinite)  # LR schedule, precision and divergence checks
@@ -89,14 +89,14 @@ def main(argv=None) -> dict:
                         run.interrupted = True
                         break
                     if run.checkpoints.due(state.step):
-                        with prof.pause("checkpoint"):
+                        with timer.pause("checkpoint"):
                             run.save_checkpoint()
                 if not run.interrupted and state.step_in_epoch >= plan.steps_per_epoch:  # a whole epoch
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if not run.interrupted and run.evaluator.due(state.step, state.step_in_epoch, state.epoch):
-                    with prof.pause("eval"):
+                    with timer.pause("eval"):
                         run.evaluate()
-        prof.train_end()
+        timer.train_end()
         run.stop.finish()
         run.save_checkpoint()
         return finish(run)
@@ -109,7 +109,7 @@ def train_step(engine, micro_batches, loss_fn, loss_sum):
     """Returns the last logits and a device flag: was any micro-batch's loss non-finite (no sync here).
     The DeepSpeed engine is driven directly: it accumulates gradients over micro-batches and, at the
     accumulation boundary, calls optim.RecipeAdamW, which unscales, clips and skips on the device; nothing
-    else wraps the hot path and nothing in it reads a value back (tests/test_step.py counts)."""
+    else wraps the hot path and nothing in it reads a value back (tests/unit/test_optim.py counts)."""
     nonfinite = torch.zeros((), dtype=torch.bool, device=loss_sum.device)
     for x, y in micro_batches:
         logits = engine(x)
@@ -140,6 +140,7 @@ class TrainState:
 # ------------------------------------------------------------------------------------------------
 def setup(plan: Plan) -> "Run":
     os.environ.update(plan.vendor_env)  # a vendor profile's NCCL_*/HCCL_*/... variables, before the process group
+    pin_jit_build_tools()  # DeepSpeed's JIT-built ops: one build, by this environment's ninja, serves every launch
     device_layer = Device()  # the accelerator, through DeepSpeed's accelerator API: backend, events, memory
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=plan.ds_config),
                               kwargs_handlers=[InitProcessGroupKwargs(backend=device_layer.backend)],
@@ -165,7 +166,7 @@ def setup(plan: Plan) -> "Run":
     env = environment(device_layer, REPO)
     # power, energy, temperature and utilisation in a background thread (absent sensors recorded as absent)
     monitor = HardwareMonitor(*probe_sensors(device_layer, accelerator.local_process_index)).start()
-    prof, flops = build_profiler(plan, accelerator, device_layer)
+    timer, flops = build_step_timer(plan, accelerator, device_layer)
     attn = getattr(getattr(engine.module, "blocks", [None])[0], "attn", None)
     config = {"flops_per_sample": flops, "fused_attn": getattr(attn, "fused_attn", None),
               "optimizer": "vitbench.optim.RecipeAdamW (torch fused AdamW; unscale, clip and skip on the device)"}
@@ -187,7 +188,7 @@ def setup(plan: Plan) -> "Run":
                           lockstep=plan.zero_stage == 3, img_size=plan.img_size, pin_memory=device_layer.pins_memory)
     return Run(
         plan=plan, accelerator=accelerator, engine=engine, optimizer=optimizer, scheduler=scheduler, state=state,
-        prof=prof, tracker=tracker, stop=lifecycle.StopRequest(plan.world_size), loader=loader,
+        timer=timer, tracker=tracker, stop=lifecycle.StopRequest(plan.world_size), loader=loader,
         to_train_input=OnDevice(device, dtype, mixup), loss_fn=loss_fn, checkpoints=checkpoints, evaluator=evaluator,
         run_name=run_name, out_dir=out_dir, run_lock=run_lock, env=env, config=config, resumed_from_step=state.step,
         monitor=monitor)
@@ -220,17 +221,17 @@ def build_engine(plan: Plan, accelerator, checkpoints: CheckpointManager):
     return engine, optimizer, scheduler, state
 
 
-def build_profiler(plan: Plan, accelerator, device_layer: Device) -> tuple[StepProfiler, float]:
+def build_step_timer(plan: Plan, accelerator, device_layer: Device) -> tuple[StepTimer, float]:
     """The step profiler, and the FLOPs per image it was given (PyTorch's FLOP counter on a meta-device model)."""
     device, measured = accelerator.device, plan.measurement
     flops = train_flops_per_sample(lambda: timm.create_model(plan.model, **plan.model_kwargs), plan.img_size)
-    prof = StepProfiler(global_batch=plan.recipe.global_batch_size, world_size=plan.world_size,
+    timer = StepTimer(global_batch=plan.recipe.global_batch_size, world_size=plan.world_size,
                         warmup_steps=measured.timing_warmup_steps, synchronize=device_layer.synchronize,
                         make_event=device_layer.make_event(),  # None on synchronous devices (CPU): host clock
                         reduce_max=lambda values: dist.reduce_max(values, device), flops_per_sample=flops,
                         peak_tflops_per_device=measured.peak_tflops,
                         memory_probe=DeviceMemoryMonitor(device_layer, device).probe)
-    return prof, flops
+    return timer, flops
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ class Run:
     optimizer: object
     scheduler: CosineLRScheduler
     state: TrainState
-    prof: StepProfiler
+    timer: StepTimer
     tracker: Tracker
     stop: lifecycle.StopRequest
     loader: TrainLoader
@@ -291,7 +292,7 @@ class Run:
         steps = min(plan.steps_per_epoch - state.step_in_epoch, plan.total_steps - state.step)
         batches = self.loader.batches(steps * plan.grad_accum)
         for _ in range(steps):
-            self.prof.data_start()
+            self.timer.data_start()
             micro = []
             for _ in range(plan.grad_accum):
                 b = next(batches)
@@ -318,7 +319,7 @@ class Run:
     def log_row(self) -> None:
         self.check_finite()
         state = self.state
-        row = self.prof.interval_row()
+        row = self.timer.interval_row()
         row.update({
             M.LOSS: self.accelerator.reduce(self.loss_sum, reduction="mean").item() / self.loss_terms,
             M.LR: self.optimizer.param_groups[0]["lr"],
@@ -360,10 +361,10 @@ def finish(run: Run) -> dict:
         accelerator.print(f"interrupted by {run.stop.signal_name or 'a signal on another rank'}: checkpoint of step "
                           f"{state.step} saved; relaunch with --resume auto --output-dir {run.out_dir}")
     device = accelerator.device
-    timer = run.engine.tput_timer if plan.measurement.deepspeed_throughput_timer else None
+    ds_timer = run.engine.tput_timer if plan.measurement.deepspeed_throughput_timer else None
     run.monitor.stop()
-    timing = run.prof.summary()
-    hardware = combine(gather_object([run.monitor.summary(run.prof.train_start_t, run.prof.train_end_t)]),
+    timing = run.timer.summary()
+    hardware = combine(gather_object([run.monitor.summary(run.timer.train_start_t, run.timer.train_end_t)]),
                        timing["train_samples"], run.monitor.interval_s)
     out = results.build(
         plan=plan, run_name=run.run_name, global_step=state.step, resumed_from_step=run.resumed_from_step,
@@ -375,8 +376,8 @@ def finish(run: Run) -> dict:
         precision_in_effect=precision.in_effect(run.engine, run.logits_dtype),
         replica_checksums=dist.replica_checksums(run.engine.module, plan.zero_stage), environment=run.env,
         config=run.config,
-        deepspeed_throughput_timer={"samples_per_sec": timer.avg_samples_per_sec(), "start_step": timer.start_step}
-        if timer else None)
+        deepspeed_throughput_timer={"samples_per_sec": ds_timer.avg_samples_per_sec(),
+                                    "start_step": ds_timer.start_step} if ds_timer else None)
     if accelerator.is_main_process:
         write_json_atomic(run.out_dir / results.RESULTS_FILE, out)
         profile_dir = run.out_dir / "profile"

@@ -22,7 +22,7 @@ import torch
 
 from vitbench import metrics as M
 from vitbench.device import Device
-from vitbench.profiler import StepProfiler
+from vitbench.profiler import StepTimer
 from vitbench.tracking import Tracker, TrackingSpec
 
 
@@ -52,7 +52,7 @@ def main():
     run_dir = Path(tempfile.mkdtemp(prefix="vitbench-overhead-"))
     tracker = Tracker(TrackingSpec("offline", "vitbench-bench", None, None), enabled=True, run_dir=run_dir,
                       name="overhead", config={})
-    prof = StepProfiler(global_batch=args.batch_size, world_size=1, memory_probe=M.DeviceMemoryMonitor(Device(), device).probe)
+    prof = StepTimer(global_batch=args.batch_size, world_size=1, memory_probe=M.DeviceMemoryMonitor(Device(), device).probe)
     prof.train_start()
     logged = [0]
 

@@ -8,6 +8,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+DATA = Path(__file__).resolve().parent / "data"  # recorded inputs (results files of real runs)
+GOLDEN = Path(__file__).resolve().parent / "golden"  # expected outputs
 
 # A ViT small enough for CPU tests: 32 px, patch 8 (16 tokens), 2 blocks.
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--model-kwargs", "depth=2",
@@ -21,6 +23,86 @@ def demo_shards(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo") / "shards"
     demo.build(out, train_per_class=12, val_per_class=5, shard_size=7, progress=False)
+    return out
+
+
+# ---- real servers on loopback, serving the demo shards (vitbench/testing/servers.py) -------------------------
+@pytest.fixture
+def http(demo_shards):
+    """serve(**faults) -> a threaded HTTP server of the demo shards under /wds (closed after the test)."""
+    from vitbench.testing.servers import FileServer
+
+    servers = []
+
+    def serve(**kw):
+        servers.append(FileServer(demo_shards, prefix="wds", **kw))
+        return servers[-1]
+    yield serve
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def s3(demo_shards):
+    """moto's S3 server holding the demo shards: (server, the local copy)."""
+    from vitbench.testing.servers import S3Server
+
+    server = S3Server(demo_shards)
+    yield server, demo_shards
+    server.close()
+
+
+def command(name: str):
+    """A command at the repository's root (train_vit, report, prep_shards) as a module, loaded from its file (it is
+    not part of the installed package), to call its functions in-process."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_command(name: str, *args) -> subprocess.CompletedProcess:
+    """`NAME.py ARGS` in this process (report, prep_shards): main(ARGS)'s exit status, stdout and stderr, as the
+    process would give them (argparse's exit included). The command's own code runs; only the interpreter start
+    and the imports are saved. Tests that need the process itself (signals, locales) start it."""
+    import contextlib
+    import io
+
+    module = command(name)
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = module.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    text = [s.buffer.getvalue().decode() for s in (out, err)]
+    return subprocess.CompletedProcess([name, *args], code, *text)
+
+
+# ---- an ImageFolder source and what a shard directory holds ----------------------------------------------
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    """ILSVRC2012's layout in miniature (SRC/<wnid>/<image>.JPEG): 4 train and 2 validation images a class."""
+    from vitbench.data import demo
+
+    root = tmp_path_factory.mktemp("folder")
+    demo.make_imagefolder(root, train_per_class=4, val_per_class=2, seed=3)
+    return root
+
+
+def tar_samples(path: Path) -> dict:
+    """Every sample of a shard directory, read with webdataset: key -> sample dict."""
+    import webdataset as wds
+
+    out = {}
+    for shard in sorted(path.glob("*.tar")):
+        for s in wds.tariterators.tarfile_samples([{"url": str(shard)}]):
+            assert s["__key__"] not in out
+            out[s["__key__"]] = s
     return out
 
 
@@ -39,25 +121,43 @@ def base_env() -> dict:
 
 def run_env(**extra) -> dict:
     env = base_env()
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])  # the venv's tools first, as once activated
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 
 
-def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True, env: dict | None = None):
-    """`accelerate launch` train_vit.py on the CPU config (processes > 1) or plain python (1); ENV: extra
-    environment variables."""
+def _train_command(args, processes: int) -> list[str]:
     if processes == 1:
-        cmd = [str(BIN / "python"), str(REPO / "train_vit.py"), *args]
-    else:
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
-               "--num_processes", str(processes), str(REPO / "train_vit.py"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+        return [str(BIN / "python"), str(REPO / "train_vit.py"), *args]
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
+            "--num_processes", str(processes), str(REPO / "train_vit.py"), *args]
+
+
+def _check(proc, check: bool = True):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True, env: dict | None = None):
+    """`accelerate launch` train_vit.py on the CPU config (processes > 1) or plain python (1); ENV: extra
+    environment variables."""
+    proc = subprocess.run(_train_command(args, processes), cwd=REPO, env=run_env(**(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+    return _check(proc, check)
+
+
+def launch_together(runs: list[tuple[list[str], dict]], *, timeout: int = 600) -> None:
+    """Several one-process runs (args, extra env) at once, each on one thread: only for runs whose assertions
+    read no timing (losses, accuracy, files, requests), which do not depend on what else the machine runs."""
+    procs = [subprocess.Popen(_train_command(args, 1), cwd=REPO, env=run_env(**env), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args, env in runs]
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        _check(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
 
 
 def launch_machines(args, *, machines: int = 2, timeout: int = 600) -> None:
@@ -73,6 +173,49 @@ def launch_machines(args, *, machines: int = 2, timeout: int = 600) -> None:
         for rank in range(machines)]  # "machines" on one host: the process groups on loopback, as named
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * machines, "\n".join(o[-3000:] for o in outputs)
+
+
+# ---- launches several test modules share -----------------------------------------------------------------
+def sixteen_bit() -> str:
+    """bf16 where DeepSpeed's accelerator reports it, else amp: the test asks the machine."""
+    from deepspeed.accelerator import get_accelerator
+
+    return "bf16" if get_accelerator().is_bf16_supported() else "amp"
+
+
+# The shared runs: the recipe shortened to two epochs of the demo's 120 train images at global batch 16, every
+# step logged, a checkpoint every 2 steps, W&B offline, a given peak (CPUs have no entry in the peak table).
+SHARED_STEPS = 2 * (120 // 16)
+SHARED_TIMING_WARMUP = 2  # steps left out of the steady figures
+SHARED_PEAK = 0.5  # TFLOP/s per device, --peak-tflops
+
+
+def shared_args(demo_shards, out: Path, name: str, *extra) -> list[str]:
+    """The shared runs' flags (EXTRA last: what it sets wins); another run made with them differs from those
+    in EXTRA only."""
+    return [*TINY, "--data-dir", str(demo_shards), "--output-dir", str(out), "--run-name", name, "--batch-size", "8",
+            "--global-batch-size", "16", "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--lr", "2e-3",
+            "--warmup-epochs", "0.5", "--epochs", "2", "--log-interval", "1",
+            "--timing-warmup-steps", str(SHARED_TIMING_WARMUP), "--checkpoint-every", "2", "--wandb", "offline",
+            "--peak-tflops", str(SHARED_PEAK), *extra]
+
+
+@pytest.fixture(scope="session")
+def shared_runs(demo_shards, tmp_path_factory):
+    """Five runs that several integration modules read, each launched once: the study's layouts
+    (test_study.py), the two-rank ZeRO-1/2 runs and the two machines in miniature (test_trainer.py), the base and
+    the 16-bit run of the comparisons (test_compare_runs.py)."""
+    root = tmp_path_factory.mktemp("shared")
+    # name: (machines, processes per machine, precision, ZeRO stage)
+    layouts = {"a_1p_fp32_z1": (1, 1, "fp32", 1), "b_2p_fp32_z1": (1, 2, "fp32", 1),
+               "c_2p_fp32_z2": (1, 2, "fp32", 2), "d_2p_16bit_z1": (1, 2, sixteen_bit(), 1),
+               "e_2m_fp32_z1": (2, 1, "fp32", 1)}
+    dirs = {}
+    for name, (machines, processes, prec, stage) in layouts.items():
+        dirs[name] = root / name
+        args = shared_args(demo_shards, dirs[name], name, "--precision", prec, "--zero-stage", str(stage))
+        launch_machines(args, machines=machines) if machines > 1 else launch(args, processes=processes)
+    return dirs
 
 
 def results(out_dir: Path) -> dict:

@@ -1,5 +1,5 @@
 """Does DeepSpeed start reducing gradients while backward is still running? Run under `accelerate launch` (CPU
-ranks, gloo) by tests/test_overlap.py: for each DeepSpeed config given, one backward of a ViT with more
+ranks, gloo) by tests/integration/test_overlap.py: for each DeepSpeed config given, one backward of a ViT with more
 parameters than a reduce bucket, counting the gradient reductions that begin before the first transformer
 block's gradients exist (backward runs from the head down; block 0 is among the last). Prints one JSON line
 from rank 0: {config: reductions before block 0's gradients}.

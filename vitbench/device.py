@@ -1,7 +1,7 @@
 """The device layer: everything the trainer asks of its accelerator, in one place, over DeepSpeed's accelerator
 abstraction (`deepspeed.accelerator.get_accelerator()`: cuda, ROCm's HIP build included, cpu, xpu, npu, hpu,
 mlu, mps, sdaa, supa, klxpu). Nothing else in train_vit.py or vitbench/ reads `torch.cuda`
-(tests/test_layout.py checks); a CPU run goes through this layer like any other.
+(tests/unit/test_layout.py checks); a CPU run goes through this layer like any other.
 
   kind, backend        the accelerator's name ("cuda", "cpu", "npu"...) and its process-group backend
                        (communication_backend_name(): nccl, gloo or ccl, hccl, cncl...)
@@ -24,6 +24,38 @@ GIB = 1024**3
 HOST_DEVICES = ("cpu",)
 # Devices a DataLoader can pin host memory for (page-locked copies, non-blocking).
 PINNING_DEVICES = ("cuda", "xpu", "npu", "hpu", "mlu")
+
+
+def pin_jit_build_tools() -> None:
+    """Put this Python environment's own bin first on PATH, before DeepSpeed JIT-compiles an op (its CPU comm op
+    at the first collective). It builds with whatever `ninja` PATH finds, and two ninja versions hash the same
+    command differently: a launch whose PATH finds another ninja than the last one rebuilt the op (~40 s on 2
+    cores, every rank waiting), and the next launch rebuilt it back. The environment's ninja is the pinned one."""
+    import os
+    import sys
+
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+
+
+def build_jit_ops(accelerator=None) -> list[str]:
+    """Compile, once, the JIT ops a launch's process group loads (on CPUs, DeepSpeed's shared-memory collectives:
+    ~40 s on 2 cores), so that `make setup` pays for them and not the first launch with every rank waiting.
+    Returns the ops built or found cached; none where the accelerator has no such op (CUDA's come prebuilt)."""
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    pin_jit_build_tools()
+    built = []
+    for name in ("ShareMemCommBuilder",):  # what deepspeed.comm's torch backend loads at init_distributed
+        builder = accelerator.create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+            built.append(builder.NAME)
+    return built
 
 
 class Device:

@@ -134,7 +134,7 @@ def make_optimizer(params, *, precision, lr: float, weight_decay: float, clip_gr
 
 def attach(engine, optimizer: RecipeAdamW, *, world_size: int, zero_stage: int) -> None:
     """Wire RecipeAdamW into the DeepSpeed ENGINE built around it. The only writes to DeepSpeed attributes
-    outside its config; tests/test_step.py builds real engines, so an upgrade that moves one fails a test."""
+    outside its config; tests/unit/test_optim.py builds real engines, so an upgrade that moves one fails a test."""
     if zero_stage > 0 and world_size > 1:
         optimizer.norm_group = dist.group.WORLD
     if zero_stage == 0 and world_size == 1:

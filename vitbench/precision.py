@@ -11,7 +11,7 @@ machine can run it, and a run-time check that what runs is what the label says.
 
 The DeepSpeed adapters at the end (loss scale, what is in effect) and those in optim.py (skipped steps, the
 scaler and all-reduce wiring) are the only code that touches DeepSpeed engine attributes outside its documented
-API; tests/test_config.py builds real engines and fails when a DeepSpeed upgrade moves one.
+API; tests/unit/test_precision.py builds real engines and fails when a DeepSpeed upgrade moves one.
 """
 
 from __future__ import annotations

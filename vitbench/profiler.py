@@ -48,7 +48,11 @@ def train_flops_per_sample(model_fn: Callable, img_size: int) -> float:
     return float(counter.get_total_flops())
 
 
-class StepProfiler:
+class StepTimer:
+    """The step timer: each step's data wait and compute (device events where the device has them), the pauses
+    (evaluation, checkpoints, trace export) and the train window, reduced to the slowest rank; p_whole, p_train,
+    p_core and MFU come from here (the module docstring says which window is which)."""
+
     def __init__(self, *, global_batch: int, world_size: int, warmup_steps: int = 10,
                  clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None,
                  make_event: Callable | None = None, reduce_max: Callable[[list[float]], list[float]] = lambda v: v,

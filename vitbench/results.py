@@ -32,7 +32,7 @@ Keys (figures in images/s, seconds and GiB; None where a run did not produce one
   spread {p_core_steady, p_train_steady, p_whole_steady: {mean, median, p5, p95, ci95, steps, block}}
   compile_s                                        with --compile: the first step's extra time
   deepspeed_throughput_timer                       with --deepspeed-throughput-timer: DeepSpeed's figure
-  (plus the profiler's other timing keys: vitbench.profiler.StepProfiler.summary)
+  (plus the profiler's other timing keys: vitbench.profiler.StepTimer.summary)
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def build(*, plan, run_name: str, global_step: int, resumed_from_step: int, epoc
           precision_in_effect: dict, replica_checksums: list | None, environment: dict, config: dict,
           checkpoint_saves: list[dict] = (), hardware: dict | None = None,
           deepspeed_throughput_timer: dict | None = None) -> dict:
-    """results.json of a run made by PLAN (vitbench.plan.Plan); TIMING: StepProfiler.summary()."""
+    """results.json of a run made by PLAN (vitbench.plan.Plan); TIMING: StepTimer.summary()."""
     final = evals[-1] if evals else None
     results = {
         "run_name": run_name, **plan.layout, "precision": plan.precision.label, "zero_stage": plan.zero_stage,

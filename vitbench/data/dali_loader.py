@@ -177,8 +177,8 @@ class DaliTrainLoader:
         stream = Device().current_stream(self.device) if self.gpu else None
         return feed_ndarray(dense, out, cuda_stream=stream)
 
-    def batches(self, n: int):
-        for _ in range(n):
+    def batches(self, micro_batches: int):
+        for _ in range(micro_batches):
             yield self._full_batch()
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from vitbench.files import write_json_atomic
 # Seven colour photographs and three grayscale ones (rendered as RGB): ten classes.
 PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
           "camera", "coins", "moon"]
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "shards" / "demo"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shards" / "demo"  # the repo's shards/, git-ignored
 
 
 def _photo(name: str):

@@ -26,8 +26,8 @@ LOADERS = ("wds", "dali")
 class TrainLoader(Protocol):
     epoch_sampling: str  # results.json: how an epoch's samples were drawn (permuted, resampled, dali-sharded)
 
-    def batches(self, n: int) -> Iterator[dict]:
-        """The next N micro-batches of this rank's stream, each exactly the micro-batch size."""
+    def batches(self, micro_batches: int) -> Iterator[dict]:
+        """The next MICRO_BATCHES micro-batches of this rank's stream, each exactly the micro-batch size."""
 
     def close(self) -> None:
         """Stop worker processes or threads; the loader is not used again."""

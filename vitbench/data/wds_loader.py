@@ -231,10 +231,10 @@ class WdsTrainLoader:
     def __init__(self, loader: torch.utils.data.DataLoader, epoch_sampling: str):
         self._loader, self.epoch_sampling, self._batches = loader, epoch_sampling, None
 
-    def batches(self, n: int):
+    def batches(self, micro_batches: int):
         if self._batches is None:
             self._batches = iter(self._loader)
-        for _ in range(n):
+        for _ in range(micro_batches):
             yield next(self._batches)  # full batches only: _batched never yields a short train batch
 
     def close(self) -> None:

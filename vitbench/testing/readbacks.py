@@ -1,4 +1,4 @@
-"""Counts the values a piece of code reads back from the device: the hot path reads none (tests/test_step.py,
+"""Counts the values a piece of code reads back from the device: the hot path reads none (tests/unit/test_optim.py,
 bench/step_costs.py)."""
 
 import torch

@@ -6,8 +6,11 @@ import json
 import numpy as np
 import pytest
 
-import report
 from vitbench import compare
+
+from conftest import command
+
+report = command("report")  # report.py, in-process
 
 
 def run(tmp_path, name, *, step=0.5, noise=0.02, depth=2, workers=4, seed=0, loss_scale=1.0, acc=80.0, n=200,

@@ -5,7 +5,7 @@ import pytest
 from vitbench import metrics as M
 from vitbench.peaks import PEAK_TFLOPS, peak_tflops
 from vitbench.precision import SPECS
-from vitbench.profiler import StepProfiler, train_flops_per_sample
+from vitbench.profiler import StepTimer, train_flops_per_sample
 
 
 class FakeClock:
@@ -45,7 +45,7 @@ def run_steps(prof, clock, n, data=1.0, compute=2.0, other=0.5):
 
 def test_windows_give_flagperf_metrics_and_the_invariant():
     clock = FakeClock()
-    prof = StepProfiler(global_batch=8, world_size=2, warmup_steps=0, clock=clock)
+    prof = StepTimer(global_batch=8, world_size=2, warmup_steps=0, clock=clock)
     prof.train_start()
     run_steps(prof, clock, 4)
     with prof.pause("eval"):
@@ -69,7 +69,7 @@ def test_windows_give_flagperf_metrics_and_the_invariant():
 
 def test_warmup_steps_are_left_out_of_steady_figures_only():
     clock = FakeClock()
-    prof = StepProfiler(global_batch=4, world_size=1, warmup_steps=2, clock=clock)
+    prof = StepTimer(global_batch=4, world_size=1, warmup_steps=2, clock=clock)
     prof.train_start()
     run_steps(prof, clock, 2, data=5.0, compute=20.0, other=0.0)  # slow first steps (compile, warm-up)
     run_steps(prof, clock, 6, data=1.0, compute=2.0, other=0.0)
@@ -92,7 +92,7 @@ def test_device_events_time_compute_and_window_edges_synchronize():
         synced.append(host.t)
         host.t = max(host.t, device_clock.t)
 
-    prof = StepProfiler(global_batch=2, world_size=1, warmup_steps=0, clock=host, synchronize=sync,
+    prof = StepTimer(global_batch=2, world_size=1, warmup_steps=0, clock=host, synchronize=sync,
                         make_event=lambda: FakeEvent(device_clock))
     prof.train_start()
     for _ in range(3):
@@ -128,7 +128,7 @@ def test_interval_rows_leave_pauses_out_and_take_the_slowest_rank():
     clock = FakeClock()
     reduce_max = OtherRank(1.0)
     slow_data = lambda values: [values[0] * 3, *values[1:]]  # noqa: E731  another rank waited 3x on data
-    prof = StepProfiler(global_batch=10, world_size=2, warmup_steps=0, clock=clock,
+    prof = StepTimer(global_batch=10, world_size=2, warmup_steps=0, clock=clock,
                         reduce_max=lambda v: slow_data(reduce_max(v)),
                         memory_probe=lambda: {M.MEM_HOST_RSS: 1.5})
     prof.train_start()
@@ -153,7 +153,7 @@ def test_interval_rows_leave_pauses_out_and_take_the_slowest_rank():
 def test_summary_takes_every_window_from_the_slowest_rank_pauses_included():
     """eval_time and checkpoint_time are reduced like every other window: the other rank's are 2x ours."""
     clock = FakeClock()
-    prof = StepProfiler(global_batch=4, world_size=2, warmup_steps=0, clock=clock, reduce_max=OtherRank(2.0),
+    prof = StepTimer(global_batch=4, world_size=2, warmup_steps=0, clock=clock, reduce_max=OtherRank(2.0),
                         memory_probe=lambda: {M.MEM_HOST_PEAK_RSS: 1.0})
     prof.train_start()
     run_steps(prof, clock, 3, data=1.0, compute=2.0, other=0.0)
@@ -174,7 +174,7 @@ def test_summary_takes_every_window_from_the_slowest_rank_pauses_included():
 def test_resumed_launch_counts_only_its_own_steps():
     """A resumed run's profiler starts empty: its throughput is this launch's samples over this launch's time."""
     clock = FakeClock()
-    prof = StepProfiler(global_batch=4, world_size=1, warmup_steps=0, clock=clock)
+    prof = StepTimer(global_batch=4, world_size=1, warmup_steps=0, clock=clock)
     clock.advance(500.0)  # restoring the checkpoint happens before train start
     prof.train_start()
     run_steps(prof, clock, 3, data=0.0, compute=1.0, other=0.0)
@@ -185,7 +185,7 @@ def test_resumed_launch_counts_only_its_own_steps():
 
 def test_mfu_uses_flops_and_the_device_peak():
     clock = FakeClock()
-    prof = StepProfiler(global_batch=100, world_size=4, warmup_steps=0, clock=clock, flops_per_sample=1e12,
+    prof = StepTimer(global_batch=100, world_size=4, warmup_steps=0, clock=clock, flops_per_sample=1e12,
                         peak_tflops_per_device=50.0)
     prof.train_start()
     run_steps(prof, clock, 2, data=0.0, compute=1.0, other=0.0)
@@ -201,7 +201,7 @@ def test_mfu_uses_flops_and_the_device_peak():
 
 def test_steady_mfu_leaves_the_warmup_steps_out():
     clock = FakeClock()
-    prof = StepProfiler(global_batch=100, world_size=1, warmup_steps=2, clock=clock, flops_per_sample=1e12,
+    prof = StepTimer(global_batch=100, world_size=1, warmup_steps=2, clock=clock, flops_per_sample=1e12,
                         peak_tflops_per_device=1000.0)
     prof.train_start()
     run_steps(prof, clock, 2, data=0.0, compute=10.0, other=0.0)  # warm-up: compilation, allocator growth
@@ -253,7 +253,7 @@ def test_flop_counter_matches_vit_arithmetic():
 
 def test_steady_step_times_are_kept_and_give_each_figure_its_spread():
     clock = FakeClock()
-    prof = StepProfiler(global_batch=8, world_size=1, warmup_steps=2, clock=clock)
+    prof = StepTimer(global_batch=8, world_size=1, warmup_steps=2, clock=clock)
     prof.train_start()
     run_steps(prof, clock, 2, data=0.0, compute=5.0, other=0.0)
     run_steps(prof, clock, 10, data=0.5, compute=1.0, other=0.0)

@@ -1,8 +1,9 @@
 """How the code is laid out, checked from its source in milliseconds: no import cycle among the project's modules
-(imports inside functions counted), no class over 120 lines but the step profiler, the trainer reads only the
+(imports inside functions counted), no class over 120 lines but the step timer, the trainer reads only the
 Plan, and every flag is typed."""
 
 import ast
+import re
 from pathlib import Path
 
 from vitbench import cli
@@ -11,7 +12,7 @@ from conftest import REPO
 
 COMMANDS = [REPO / "train_vit.py", REPO / "report.py", REPO / "prep_shards.py"]
 SOURCES = sorted([*REPO.glob("vitbench/**/*.py"), *COMMANDS])  # every package under vitbench/, sub-packages too
-LONG_CLASSES_ALLOWED = {"StepProfiler"}
+LONG_CLASSES_ALLOWED = {"StepTimer"}
 
 
 def module_name(path: Path) -> str:
@@ -66,11 +67,27 @@ def test_the_data_stack_is_one_package_and_the_commands_sit_side_by_side():
     assert all(c.is_file() for c in COMMANDS)
 
 
+def test_the_paths_the_package_names_are_in_this_checkout():
+    """A module that moves into a sub-package keeps pointing at the repository's folders: the demo's shards land
+    in the git-ignored shards/demo (not inside the package), configs and vendor profiles are found."""
+
+    import subprocess
+
+    from vitbench import dsconfig, vendor
+    from vitbench.data import demo
+
+    assert cli.REPO == REPO
+    assert demo.DEFAULT_DIR == REPO / "shards" / "demo"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(demo.DEFAULT_DIR / "_info.json")], cwd=REPO)
+    assert ignored.returncode == 0
+    assert (dsconfig.DS_CONFIG_DIR / "zero1.json").is_file() and vendor.VENDORS_DIR.parent == REPO
+    assert (vendor.VENDORS_DIR / "cpu" / "profile.toml").is_file()
+
+
 def test_no_file_edits_the_import_path():
     """The project is installed (`pip install -e .`, make setup): no script, test or bench reaches the package
     by editing sys.path or by putting the repository on PYTHONPATH (bench/vs_timm.py puts timm's checkout there:
     another project)."""
-    import re
 
     files = [p for p in [*REPO.glob("**/*.py"), REPO / "Makefile", *REPO.glob(".ci/*")]
              if ".venv" not in p.parts and p.is_file()]
@@ -80,7 +97,7 @@ def test_no_file_edits_the_import_path():
     assert offenders == []
 
 
-def test_no_class_over_120_lines_but_the_step_profiler():
+def test_no_class_over_120_lines_but_the_step_timer():
     long = [f"{p.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)" for p in SOURCES
             for node in ast.walk(ast.parse(p.read_text()))
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 120
@@ -98,7 +115,6 @@ def test_the_trainer_reads_no_flag_only_the_plan():
 def test_only_the_device_layer_talks_to_torch_cuda():
     """Every accelerator goes through vitbench/device.py (DeepSpeed's accelerator API); a `torch.cuda` call
     anywhere else would make that code CUDA-only (an XPU, NPU or HPU launch would fall back to the CPU's path)."""
-    import re
 
     offenders = [f"{p.relative_to(REPO)}:{n}" for p in SOURCES if p.name != "device.py"
                  for n, line in enumerate(p.read_text().splitlines(), 1)
@@ -129,9 +145,35 @@ def test_make_clean_removes_only_what_the_demo_and_benches_made(tmp_path):
 
 
 def test_every_makefile_target_is_in_the_readme():
-    import re
 
     targets = re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.M)
     readme = (REPO / "README.md").read_text()
     assert set(targets) >= {"setup", "demo", "test", "test-fast", "bench", "clean"}
     assert [t for t in targets if f"make {t}" not in readme] == []
+
+
+def test_the_unit_layer_launches_no_training_and_every_integration_test_is_slow():
+    """tests/unit runs in-process (make test-fast); a test that launches a training run, a SLURM job or any other
+    process it waits on is an integration test, marked slow (tests/README.md)."""
+    def launches(tree) -> list[int]:
+        """Lines of calls that start training: conftest's launch helpers, or a command line naming train_vit.py or
+        accelerate (a source read by ast, as here, starts nothing)."""
+        found = []
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            if getattr(call.func, "id", None) in {"launch", "launch_machines"}:
+                found.append(call.lineno)
+            elif getattr(call.func, "attr", None) in {"run", "Popen"} and any(
+                    isinstance(c, ast.Constant) and c.value in ("train_vit.py", "accelerate")
+                    for a in call.args for c in ast.walk(a)):
+                found.append(call.lineno)
+        return found
+
+    unit = sorted((REPO / "tests" / "unit").glob("test_*.py"))
+    assert [f"{p.name}:{n}" for p in unit for n in launches(ast.parse(p.read_text()))] == []
+    for path in sorted((REPO / "tests" / "integration").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module_slow = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+                          and "slow" in ast.unparse(n.value) for n in tree.body)
+        tests = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+        unmarked = [n.name for n in tests if not module_slow and "slow" not in ast.unparse(n.decorator_list or [])]
+        assert unmarked == [], path.name

@@ -11,7 +11,7 @@ import webdataset as wds
 from vitbench.data import dali_loader, shardformat
 from vitbench.data.shardread import Readers
 
-from conftest import BIN, REPO, TINY, info, launch, results
+from conftest import BIN, run_command
 
 CPU = torch.device("cpu")
 
@@ -59,8 +59,7 @@ def test_index_files_are_dalis_own_format_and_are_used(demo_shards, tmp_path):
     shutil.copytree(demo_shards, tmp_path / "s")
     train = shardformat.load_split(tmp_path / "s", "train")
     assert dali_loader.index_paths(train) is None
-    assert subprocess.run([str(BIN / "python"), "prep_shards.py", "--out", str(tmp_path / "s"), "--split",
-                           "train", "--dali-index"], cwd=REPO, capture_output=True).returncode == 0
+    assert run_command("prep_shards", "--out", tmp_path / "s", "--split", "train", "--dali-index").returncode == 0
     reference = tmp_path / "ref.idx"
     subprocess.run([str(BIN / "wds2idx"), train.urls[0], str(reference)], check=True, capture_output=True)
     assert (tmp_path / "s" / (train.urls[0].rsplit("/", 1)[1] + ".idx")).read_text() == reference.read_text()
@@ -110,13 +109,3 @@ def test_a_truncated_shard_is_refused_at_start_naming_it(demo_shards, tmp_path):
         loader(shards)
 
 
-@pytest.mark.slow
-def test_trainer_with_dali_trains_and_evaluates_every_sample(demo_shards, tmp_path):
-    out = tmp_path / "run"
-    launch([*TINY, "--data-dir", str(demo_shards), "--output-dir", str(out), "--batch-size", "8",
-            "--global-batch-size", "16", "--aug-repeats", "3", "--max-steps", "4", "--log-interval", "2",
-            "--wandb", "off", "--loader", "dali"], processes=1)
-    r = results(out)
-    assert r["loader"] == "dali" and r["epoch_sampling"] == dali_loader.EPOCH_SAMPLING
-    assert r["global_step"] == 4 and r["train_samples"] == 4 * 16
-    assert r["eval_samples"] == info(demo_shards)["splits"]["validation"]["num_samples"]

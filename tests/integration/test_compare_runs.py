@@ -1,47 +1,41 @@
 """`report.py compare` on real launches: two identical ones are within noise and train alike; a depth-6 model
 against depth 2 is slower, with the depth listed first, and fails a --fail-if-slower 10 gate; another seed trains
-like the base (seeds 0 and 1, its repeats), and so does a 16-bit precision against fp32; lr x30 does not. Seven
-short one-process runs (about 10 s each where the CPU has bf16 units; slower without)."""
+like the base (seeds 0 and 1, its repeats), and so does a 16-bit precision against fp32; lr x30 does not. The
+base and the precision pair are the shared runs (tests/conftest.py); five more short one-process runs here (the three
+whose losses alone are compared at once)."""
 
 import json
-import subprocess
 
 import pytest
 
-from conftest import BIN, REPO, TINY, launch
+from conftest import launch, launch_together, run_command, shared_args
 
 pytestmark = pytest.mark.slow
 
 
-def sixteen_bit() -> str:
-    """bf16 where DeepSpeed's accelerator reports it, else amp: the test asks the machine."""
-    from deepspeed.accelerator import get_accelerator
-
-    return "bf16" if get_accelerator().is_bf16_supported() else "amp"
-
-
 @pytest.fixture(scope="module")
-def runs(demo_shards, tmp_path_factory):
+def runs(shared_runs, demo_shards, tmp_path_factory):
+    """The shared one-process fp32 run as the base ("a"), its 2-process fp32 and 16-bit runs (tests/conftest.py),
+    and five one-process runs made with the base's flags but for what each name says."""
     root = tmp_path_factory.mktemp("compare")
-    specs = {"a": ["--model-kwargs", "depth=2"], "a2": ["--model-kwargs", "depth=2"],
-             "deep": ["--model-kwargs", "depth=6"], "seed1": ["--model-kwargs", "depth=2", "--seed", "1"],
-             "seed2": ["--model-kwargs", "depth=2", "--seed", "2"],
-             "lr30": ["--model-kwargs", "depth=2", "--lr", "6e-2"],
-             "16bit": ["--model-kwargs", "depth=2", "--precision", sixteen_bit()]}
-    dirs = {}
-    for name, extra in specs.items():
+    specs = {"a2": [], "deep": ["--model-kwargs", "depth=6"], "seed1": ["--seed", "1"], "seed2": ["--seed", "2"],
+             "lr30": ["--lr", "6e-2"]}
+    dirs = {"a": shared_runs["a_1p_fp32_z1"], "fp32_2p": shared_runs["b_2p_fp32_z1"],
+            "16bit_2p": shared_runs["d_2p_16bit_z1"]}
+    for name in specs:
         dirs[name] = root / name
-        launch([*TINY, "--data-dir", str(demo_shards), "--output-dir", str(dirs[name]), "--run-name", name,
-                "--batch-size", "8", "--global-batch-size", "16", "--mixup", "0", "--cutmix", "0", "--smoothing", "0",
-                "--lr", "2e-3", "--warmup-epochs", "0.5", "--epochs", "2", "--log-interval", "1",
-                "--timing-warmup-steps", "2", "--wandb", "off", *extra], processes=1)
+
+    def args(name):
+        return shared_args(demo_shards, dirs[name], name, "--precision", "fp32", "--zero-stage", "1", *specs[name])
+
+    for name in ("a2", "deep"):  # timing is compared: one at a time
+        launch(args(name), processes=1)
+    launch_together([(args(name), {}) for name in ("seed1", "seed2", "lr30")])  # only their losses are compared
     return dirs
 
 
 def compare(*args):
-    proc = subprocess.run([str(BIN / "python"), str(REPO / "report.py"), "compare", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env={"PATH": str(BIN)})
-    return proc
+    return run_command("report", "compare", *args)  # report.py compare, in-process
 
 
 def figures(proc) -> dict:
@@ -79,7 +73,7 @@ def test_another_seed_trains_like_the_base_and_lr_x30_does_not(runs):
 
 
 def test_a_16_bit_precision_trains_like_fp32(runs):
-    result, _ = figures(compare(runs["a"], runs["16bit"], "--json"))
+    result, _ = figures(compare(runs["fp32_2p"], runs["16bit_2p"], "--json"))
     assert result["parity"]["verdict"] == "trains like the base", result["parity"]
     assert result["parity"]["threshold"] == 0.02  # FlagPerf's bound: one base run, no repeats to widen it
     assert result["differences"][0]["field"].startswith("plan.precision")

@@ -1,12 +1,16 @@
 """The device layer: on this machine (DeepSpeed's CPU accelerator) and, for what cannot run here, through a
 stand-in accelerator of another kind that answers DeepSpeed's accelerator API (the device script checks CUDA)."""
 
+import os
+from pathlib import Path
+
 import psutil
+import pytest
 import torch
 from deepspeed.accelerator import get_accelerator
 
 from vitbench import metrics as M
-from vitbench.device import Device
+from vitbench.device import Device, build_jit_ops
 from vitbench.runinfo import MachineFacts
 
 
@@ -73,3 +77,31 @@ def test_another_kind_of_device_takes_backend_events_and_memory_from_the_acceler
     assert row[M.MEM_MAX_ALLOCATED_PCT] == 100 * 3 / 64 and acc.reset == 2  # peaks reset at start and per probe
     summary = M.DeviceMemoryMonitor.summary(row)
     assert summary["mem_used_gib"] == 6.0 and "device memory used" in summary["mem_source"]
+
+
+def test_deepspeeds_jit_ops_are_built_by_this_environments_ninja(monkeypatch):
+    """Two ninja versions on PATH (the venv's pinned one, Debian's) rebuilt DeepSpeed's CPU comm op in turn, ~40 s
+    a launch: the trainer puts the environment's bin first, once."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from vitbench.device import pin_jit_build_tools
+
+    venv_bin = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", venv_bin, "/bin"]))
+    pin_jit_build_tools()
+    pin_jit_build_tools()
+    assert os.environ["PATH"].split(os.pathsep) == [venv_bin, "/usr/bin", venv_bin, "/bin"]
+    assert (Path(venv_bin) / "ninja").is_file()  # the pinned ninja (pyproject.toml) is what PATH finds first
+
+
+def test_set_up_builds_the_cpu_comm_op_once_and_a_launch_finds_it_built():
+    """make setup calls build_jit_ops: on this CPU, DeepSpeed's shared-memory comm op, compiled into
+    TORCH_EXTENSIONS_DIR; asked again (as every launch's init_distributed does), nothing is rebuilt."""
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("the shared-memory comm op is the CPU accelerator's")
+    assert build_jit_ops() == ["deepspeed_shm_comm"]
+    (library,) = Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("deepspeed_shm_comm/*.so")
+    built = library.stat().st_mtime_ns
+    assert build_jit_ops() == ["deepspeed_shm_comm"] and library.stat().st_mtime_ns == built

@@ -3,7 +3,6 @@ ZeRO 1 and 2), its numbers checked against the runs' own results.json and metric
 
 import json
 import re
-import subprocess
 
 import pytest
 
@@ -12,43 +11,23 @@ from vitbench import study
 from vitbench.reporting import sig
 from vitbench.tracking import METRICS_FILE
 
-from conftest import BIN, REPO, TINY, assert_picture, launch, launch_machines, results
+from conftest import SHARED_STEPS, SHARED_TIMING_WARMUP, assert_picture, results, run_command, sixteen_bit
 
 pytestmark = pytest.mark.slow
-STEPS = 4
-
-
-def sixteen_bit() -> str:
-    """bf16 where DeepSpeed's accelerator reports it, else amp: the test asks the machine."""
-    from deepspeed.accelerator import get_accelerator
-
-    return "bf16" if get_accelerator().is_bf16_supported() else "amp"
+STEPS = SHARED_STEPS
 
 
 @pytest.fixture(scope="module")
-def runs(demo_shards, tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    # name: (machines, processes per machine, precision, ZeRO stage)
-    layouts = {"a_1p_fp32_z1": (1, 1, "fp32", 1), "b_2p_fp32_z1": (1, 2, "fp32", 1),
-               "c_2p_fp32_z2": (1, 2, "fp32", 2), "d_2p_16bit_z1": (1, 2, sixteen_bit(), 1),
-               "e_2m_fp32_z1": (2, 1, "fp32", 1)}
-    dirs = {}
-    for name, (machines, processes, prec, stage) in layouts.items():
-        dirs[name] = root / name
-        args = [*TINY[:TINY.index("--precision")], *TINY[TINY.index("--precision") + 2:], "--precision", prec,
-                "--data-dir", str(demo_shards), "--output-dir", str(dirs[name]), "--run-name", name,
-                "--batch-size", "8", "--global-batch-size", "16", "--zero-stage", str(stage), "--max-steps",
-                str(STEPS), "--log-interval", "1", "--checkpoint-every", "2", "--wandb", "off", "--mixup", "0",
-                "--cutmix", "0", "--timing-warmup-steps", "1", "--warmup-epochs", "0"]
-        launch_machines(args, machines=machines) if machines > 1 else launch(args, processes=processes)
-    return dirs
+def runs(shared_runs):
+    """The five layouts (tests/conftest.py): 1 and 2 processes, 2 machines, fp32 and a 16-bit precision, ZeRO 1
+    and 2."""
+    return shared_runs
 
 
 @pytest.fixture(scope="module")
 def report(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    proc = subprocess.run([str(BIN / "python"), str(REPO / "report.py"), *map(str, runs.values()), "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, env={"PATH": str(BIN)})
+    proc = run_command("report", *runs.values(), "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out, (out / "report.md").read_text()
 
@@ -62,7 +41,7 @@ def test_metrics_jsonl_has_a_row_per_step_and_marks_evaluations_and_checkpoints(
         rows = study.read_metrics(run_dir)
         r = results(run_dir)
         assert [row["step"] for row in rows if row["kind"] == "train"] == list(range(1, STEPS + 1))
-        assert [row["step"] for row in rows if row["kind"] == "checkpoint"] == [2, STEPS]
+        assert [row["step"] for row in rows if row["kind"] == "checkpoint"] == list(range(2, STEPS + 1, 2))
         assert [(row["step"], row[M.ACC1]) for row in rows if row["kind"] == "eval"] == \
             [(e["step"], e["acc1"]) for e in r["evals"]]
         assert (run_dir / METRICS_FILE).read_text().endswith("\n")
@@ -137,7 +116,7 @@ def test_the_study_shows_each_steady_figures_spread_and_parity_against_fp32(runs
     for name, run_dir in runs.items():
         r = results(run_dir)
         s = r["spread"]["p_core_steady"]
-        assert s["steps"] == STEPS - 1 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
+        assert s["steps"] == STEPS - SHARED_TIMING_WARMUP and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
         assert f"| {study.run_label(r)} | p_core_steady | {s['mean']:.1f} |" in spread
     parity = section(text, "Convergence parity against fp32")
     sixteen, fp32 = results(runs["d_2p_16bit_z1"]), results(runs["b_2p_fp32_z1"])

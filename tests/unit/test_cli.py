@@ -1,14 +1,10 @@
 """train_vit.py's command line: one meaning per flag (no prefixes, other tools' flags refused naming ours),
 every default in --help, the demo's changes listed. In-process, milliseconds; one real process for the time."""
 
-import subprocess
-import time
 
 import pytest
 
 from vitbench import cli
-
-from conftest import BIN, REPO
 
 
 def refused(argv, capsys) -> str:
@@ -54,11 +50,16 @@ def test_the_early_stop_can_be_turned_off():
     assert cli.parse_args(["--target-acc1", "none"]).target_acc1 is None
 
 
-def test_a_bad_flag_answers_before_the_heavy_imports():
-    t0 = time.time()
-    proc = subprocess.run([str(BIN / "python"), str(REPO / "train_vit.py"), "--warmup-lr", "1e-5"],
-                          capture_output=True, text=True, cwd=REPO)
-    elapsed = time.time() - t0
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --warmup-lr is not a flag")
-    assert "deepspeed" not in proc.stderr.lower() and "Traceback" not in proc.stderr  # DeepSpeed was never imported
-    assert elapsed < 15  # the parse itself is milliseconds; this bounds the imports before it on a busy machine
+
+
+def test_a_finished_main_leaves_its_objects_out_of_the_exit_collection():
+    """cli.run freezes the garbage collector once main returns: teardown then skips the objects torch, DeepSpeed
+    and the model made (bench: over a second of every rank's exit); an error exit leaves by os._exit instead."""
+    import gc
+
+    made = []
+    try:
+        cli.run(lambda argv: made.append([object() for _ in range(1000)]))
+        assert made and gc.get_freeze_count() >= 1000
+    finally:
+        gc.unfreeze()

@@ -314,3 +314,20 @@ def test_an_unwritable_output_dir_is_refused_by_the_plan(demo_shards, tmp_path):
     a_file.write_text("x")
     with pytest.raises(UserError, match=f"{a_file}/run: cannot create the output directory or write in it"):
         make(demo_shards, ["--output-dir", str(a_file / "run")], ONE, CPU)
+
+
+@pytest.mark.parametrize("name, machines, processes", [("1x1", 1, 1), ("1x8", 1, 8), ("2x8", 2, 16),
+                                                        ("cpu_1x2", 1, 2)])
+def test_committed_launch_configs_load_as_accelerate_reads_them(name, machines, processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from vitbench.dsconfig import DS_CONFIG_DIR
+
+    cfg = load_config_from_file(str(DS_CONFIG_DIR.parent / "accelerate_configs" / f"{name}.yaml"))
+    assert cfg.distributed_type == "DEEPSPEED" and not cfg.use_cpu
+    assert (cfg.num_machines, cfg.num_processes) == (machines, processes)
+    assert (DS_CONFIG_DIR.parent / cfg.deepspeed_config["deepspeed_config_file"]).is_file()
+    assert cfg.enable_cpu_affinity == (not name.startswith("cpu"))  # GPU ranks pinned to their NUMA node
+    if machines > 1:  # torchrun on every node: no ssh/pdsh
+        assert cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+

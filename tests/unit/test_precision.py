@@ -1,10 +1,12 @@
-"""Precision verification, DeepSpeed config building and checkpoint selection (no training)."""
+"""What each --precision label means and runs (vitbench/precision.py), with the DeepSpeed config that carries it
+(vitbench/dsconfig.py): labels verified against what is in effect, the config written from the flags and checked
+by DeepSpeed's own model, and the adapters read back from real engines (one rank, in-process)."""
 
 import json
 
 import pytest
 
-from vitbench import checkpoint, dsconfig, precision
+from vitbench import dsconfig, precision
 
 FP32_EFFECT = {"param_dtype": "torch.float32", "logits_dtype": "torch.float32", "tf32_matmul": False,
                "tf32_cudnn": False, "loss_scaler": None}
@@ -107,73 +109,6 @@ def test_a_relative_config_path_is_found_from_any_working_directory(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     env = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds_configs/zero2.json"}  # what accelerate_configs/*.yaml name
     assert dsconfig.config_path(None, env) == dsconfig.DS_CONFIG_DIR / "zero2.json"
-
-
-def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
-    for name, complete in [("step_00000004", True), ("step_00000008", True), ("step_00000012", False),
-                           ("step_00000016.tmp", True)]:
-        (tmp_path / name).mkdir()
-        if complete:
-            (tmp_path / name / checkpoint.MARKER).write_text("{}")
-    assert checkpoint.resolve_resume("auto", tmp_path) == tmp_path / "step_00000008"
-    assert checkpoint.resolve_resume("auto", tmp_path / "none") is None
-    assert checkpoint.resolve_resume("", tmp_path) is None
-    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
-        checkpoint.resolve_resume(str(tmp_path / "step_00000012"), tmp_path)
-
-
-def test_resume_auto_with_every_checkpoint_damaged_is_a_clear_error(tmp_path):
-    for step in (4, 8):
-        d = tmp_path / f"step_{step:08d}"
-        d.mkdir()
-        (d / checkpoint.MARKER).write_text('{"files": {"model.pt": 10}}')
-    (tmp_path / "step_00000004" / "model.pt").write_bytes(b"x" * 9)
-    skipped = []
-    with pytest.raises(checkpoint.CheckpointError, match="none of the 2 complete checkpoint"):
-        checkpoint.resolve_resume("auto", tmp_path, log=skipped.append)
-    assert len(skipped) == 2 and "model.pt is missing" in skipped[0] and "9 bytes, 10 were written" in skipped[1]
-
-
-def test_a_layout_change_that_cannot_resume_is_refused_at_start(tmp_path):
-    meta = {"world_size": 2, "zero_stage": 3, "global_batch_size": 16, "precision": "fp32"}
-    with pytest.raises(checkpoint.CheckpointError, match="2 processes with ZeRO-3, this launch has 1 processes"):
-        checkpoint.check_layout(meta, world_size=1, zero_stage=3, global_batch=16, precision="fp32")
-    with pytest.raises(checkpoint.CheckpointError, match="--global-batch-size 16, this launch has 32"):
-        checkpoint.check_layout({**meta, "zero_stage": 1}, world_size=1, zero_stage=1, global_batch=32,
-                                precision="fp32")
-    assert checkpoint.check_layout({**meta, "zero_stage": 1}, world_size=1, zero_stage=1, global_batch=16,
-                                   precision="fp32") is True
-    assert checkpoint.check_layout({**meta, "zero_stage": 0}, world_size=1, zero_stage=0, global_batch=16,
-                                   precision="fp32") is False
-    with pytest.raises(checkpoint.CheckpointError, match="ZeRO-1, this launch has ZeRO-2 .*--zero-stage 1"):
-        checkpoint.check_layout({**meta, "zero_stage": 1}, world_size=2, zero_stage=2, global_batch=16,
-                                precision="fp32")
-    vit = {"model": "vit_tiny_patch16_224", "model_kwargs": {"num_classes": 10, "img_size": 32, "depth": 2}}
-    made = {**meta, "zero_stage": 1, **vit}
-    assert checkpoint.check_layout(made, world_size=2, zero_stage=1, global_batch=16, precision="fp32",
-                                   model=vit) is False
-    other = {**vit, "model_kwargs": {**vit["model_kwargs"], "img_size": 64}}
-    with pytest.raises(checkpoint.CheckpointError, match="'img_size': 32.*this launch builds .*'img_size': 64"):
-        checkpoint.check_layout(made, world_size=2, zero_stage=1, global_batch=16, precision="fp32", model=other)
-    # bf16 at ZeRO-0 keeps the whole optimizer state on every rank, as fp32 does: no conversion needed
-    assert checkpoint.check_layout({**meta, "zero_stage": 0, "precision": "bf16"}, world_size=1, zero_stage=0,
-                                   global_batch=16, precision="bf16") is False
-
-
-@pytest.mark.parametrize("name, machines, processes", [("1x1", 1, 1), ("1x8", 1, 8), ("2x8", 2, 16),
-                                                        ("cpu_1x2", 1, 2)])
-def test_committed_launch_configs_load_as_accelerate_reads_them(name, machines, processes):
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    from vitbench.dsconfig import DS_CONFIG_DIR
-
-    cfg = load_config_from_file(str(DS_CONFIG_DIR.parent / "accelerate_configs" / f"{name}.yaml"))
-    assert cfg.distributed_type == "DEEPSPEED" and not cfg.use_cpu
-    assert (cfg.num_machines, cfg.num_processes) == (machines, processes)
-    assert (DS_CONFIG_DIR.parent / cfg.deepspeed_config["deepspeed_config_file"]).is_file()
-    assert cfg.enable_cpu_affinity == (not name.startswith("cpu"))  # GPU ranks pinned to their NUMA node
-    if machines > 1:  # torchrun on every node: no ssh/pdsh
-        assert cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
 
 
 # ---- the DeepSpeed adapters, on real engines -------------------------------------------------------------

@@ -10,9 +10,9 @@ from test_plan import H200, ONE_NODE_8, make
 
 from vitbench import cli, reporting, seed_readme, vendor
 
-from conftest import REPO
+from conftest import DATA, REPO
 
-DATA = Path(__file__).parent / "data" / "results"
+RESULTS = DATA / "results"
 SEED = REPO.parent / "shared" / "seed"
 # The seed's structure (FlagPerf's training/nvidia/vit-pytorch/README.md): its headings, the hardware and software
 # fields, the 通用指标 rows, and the 性能指标 columns, in order.
@@ -112,7 +112,7 @@ def seeded_runs() -> list[dict]:
            "deepspeed": "0.19.8", "accelerate": "1.15.0"}
     runs = []
     for name in ("a100_1x8.json", "a100_1x1.json", "a100_2x8.json"):
-        r = json.loads((DATA / name).read_text())
+        r = json.loads((RESULTS / name).read_text())
         runs.append({**r, "environment": env, "plan": {**(r.get("plan") or {}), "vendor": p,
                                                         "model": "vit_base_patch16_224"}})
     return runs

@@ -2,11 +2,8 @@
 
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 import warnings
 from pathlib import Path
 
@@ -16,26 +13,11 @@ import webdataset as wds
 from vitbench.data import demo, prep, shardformat, transforms, validation, wds_loader
 from vitbench.data.shardread import Readers, StreamStart
 
-from conftest import BIN, REPO, base_env, info
-
-PREP = [str(BIN / "python"), str(REPO / "prep_shards.py")]
+from conftest import info, run_command, tar_samples
 
 
-@pytest.fixture(scope="module")
-def imagefolder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder")
-    demo.make_imagefolder(root, train_per_class=4, val_per_class=2, seed=3)
-    return root
-
-
-def tar_samples(path: Path) -> dict:
-    """Every sample of a shard directory, read with webdataset: key -> sample dict."""
-    out = {}
-    for shard in sorted(path.glob("*.tar")):
-        for s in wds.tariterators.tarfile_samples([{"url": str(shard)}]):
-            assert s["__key__"] not in out
-            out[s["__key__"]] = s
-    return out
+def prep_shards(*args):
+    return run_command("prep_shards", *args)
 
 
 def test_round_trip_every_image_once_with_identical_bytes_and_label(imagefolder, tmp_path):
@@ -82,8 +64,8 @@ def test_bad_files_are_skipped_listed_and_never_abort(imagefolder, tmp_path):
     truncated, text = good[0], good[1].with_name("notes.JPEG")
     truncated.write_bytes(truncated.read_bytes()[: len(truncated.read_bytes()) // 2])
     text.write_text("not an image")
-    proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train",
-                           "--shard-size", "4", "--workers", "2"], capture_output=True, text=True)
+    proc = prep_shards("--src", src, "--out", tmp_path / "out", "--split", "train", "--shard-size", "4",
+                       "--workers", "2")
     assert proc.returncode == 0, proc.stderr
     skipped = {s["path"] for s in info(tmp_path / "out")["splits"]["train"]["skipped"]}
     expected = {f"{truncated.parent.name}/{truncated.name}", f"{text.parent.name}/{text.name}"}
@@ -126,8 +108,7 @@ def _no_images(p: Path) -> Path:
 ])
 def test_bad_source_is_a_clear_error_before_any_work(tmp_path, make_src, message):
     src = make_src(tmp_path)
-    proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train"],
-                          capture_output=True, text=True)
+    proc = prep_shards("--src", src, "--out", tmp_path / "out", "--split", "train")
     assert proc.returncode == 2
     assert str(src) in proc.stderr and message in proc.stderr
     assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
@@ -135,81 +116,24 @@ def test_bad_source_is_a_clear_error_before_any_work(tmp_path, make_src, message
 
 def test_a_source_with_no_readable_image_is_an_error_not_an_empty_split(tmp_path):
     src = _no_images(tmp_path)
-    proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train"],
-                          capture_output=True, text=True)
+    proc = prep_shards("--src", src, "--out", tmp_path / "out", "--split", "train")
     assert proc.returncode == 2 and "no readable image among 1 file(s) (first: a/readme.txt" in proc.stderr
     assert not (tmp_path / "out" / "_info.json").exists()
 
 
 @pytest.mark.parametrize("flag", ["--max-side", "--workers", "--shard-size"])
 def test_a_non_positive_prep_number_is_one_line(tmp_path, flag):
-    proc = subprocess.run([*PREP, "--src", str(tmp_path), "--out", str(tmp_path / "out"), "--split", "train", flag,
-                           "-1"], capture_output=True, text=True)
+    proc = prep_shards("--src", tmp_path, "--out", tmp_path / "out", "--split", "train", flag, "-1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"{flag}: must be >= 1" in proc.stderr
-
-
-def test_images_without_a_faithful_rgb_form_are_skipped_and_listed_and_odd_names_print_anywhere(imagefolder,
-                                                                                                tmp_path):
-    """A 16-bit image would become a constant RGB image; file names that are not UTF-8, colliding once made
-    keys, still get their own keys, and the skipped list prints under LC_ALL=C."""
-    import numpy as np
-    from PIL import Image
-
-    src = tmp_path / "src"
-    shutil.copytree(imagefolder / "train", src)
-    cls = sorted(d for d in src.iterdir())[0]
-    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(cls / "deep.png")
-    jpeg = next(cls.glob("*.JPEG")).read_bytes()
-    odd = [os.fsencode(str(cls)) + b"/caf\xe9.x.JPEG", os.fsencode(str(cls)) + b"/caf\xe9_x.JPEG",
-           os.fsencode(str(cls)) + b"/caf\xe9\xff.JPEG"]
-    for name in odd:
-        with open(name, "wb") as f:
-            f.write(jpeg if not name.endswith(b"\xff.JPEG") else b"garbage")
-    env = {**base_env(), "LC_ALL": "C", "PYTHONIOENCODING": "", "PYTHONUTF8": "0"}
-    proc = subprocess.run([*PREP, "--src", str(src), "--out", str(tmp_path / "out"), "--split", "train"],
-                          capture_output=True, env=env)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    split = info(tmp_path / "out")["splits"]["train"]
-    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in split["skipped"]}
-    assert "image mode I;16 has no faithful 8-bit RGB form" in reasons["deep.png"]
-    assert len(reasons) == 2 and b"caf" in proc.stdout  # the garbage one, printed escaped
-    keys = list(tar_samples(tmp_path / "out"))
-    assert len(keys) == len(set(keys)) == split["num_samples"]
 
 
 @pytest.mark.parametrize("content", ["{", "[]", '{"splits": {"train": {"filenames": []}}}'],
                          ids=["truncated", "not_an_object", "incomplete"])
 def test_verify_lists_a_malformed_info_file_as_a_problem(tmp_path, content):
     (tmp_path / "_info.json").write_text(content)
-    proc = subprocess.run([*PREP, "--out", str(tmp_path), "--split", "train", "--verify"], capture_output=True,
-                          text=True)
+    proc = prep_shards("--out", tmp_path, "--split", "train", "--verify")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"FAIL {tmp_path}/_info.json: " in proc.stderr and "re-run the prep" in proc.stderr
-
-
-def test_prep_killed_with_sigkill_resumes_and_keeps_completed_shards(tmp_path):
-    src = tmp_path / "src"
-    demo.make_imagefolder(src, train_per_class=12, val_per_class=0, seed=5)
-    out = tmp_path / "out"
-    cmd = [*PREP, "--src", str(src / "train"), "--out", str(out), "--split", "train", "--shard-size", "2",
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / ".prep").glob("*.json"))) < 3:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = {p.name[:-5]: (out / p.name[:-5]).stat().st_mtime_ns for p in (out / ".prep").glob("*.json")}
-    assert 3 <= len(done_before) < 60, "the kill must land mid-run"
-    assert not (out / "_info.json").exists()
-
-    subprocess.run(cmd, check=True, capture_output=True)
-    for name, mtime in done_before.items():  # completed shards were kept, not rewritten
-        assert (out / name).stat().st_mtime_ns == mtime
-    assert not list(out.glob(".*.tmp*")), "no temporary shard may be left behind"
-    assert subprocess.run([*PREP, "--out", str(out), "--split", "train", "--verify"]).returncode == 0
-    samples = tar_samples(out)
-    assert len(samples) == 120 == info(out)["splits"]["train"]["num_samples"]
 
 
 def test_half_written_shard_is_rebuilt_and_verify_names_corrupt_shards(imagefolder, tmp_path):
@@ -217,8 +141,7 @@ def test_half_written_shard_is_rebuilt_and_verify_names_corrupt_shards(imagefold
     shards = sorted(tmp_path.glob("*.tar"))
     # A shard truncated after its record was written: verify names it, a re-run rebuilds it.
     shards[1].write_bytes(shards[1].read_bytes()[:1000])
-    proc = subprocess.run([*PREP, "--out", str(tmp_path), "--split", "train", "--verify"], capture_output=True,
-                          text=True)
+    proc = prep_shards("--out", tmp_path, "--split", "train", "--verify")
     assert proc.returncode == 1 and str(shards[1]) in proc.stderr
     prep.prepare(imagefolder / "train", tmp_path, "train", name="t", shard_size=5, workers=1, progress=False)
     assert prep.verify(tmp_path, "train") == []
