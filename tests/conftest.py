@@ -128,10 +128,17 @@ def run_env(**extra) -> dict:
     return env
 
 
-def _train_command(args, processes: int) -> list[str]:
+# accelerate's own entry point for its launch command alone (accelerate.commands.launch:main). The `accelerate`
+# dispatcher runs the same code but first imports every subcommand, and estimate-memory imports timm and
+# transformers: ~4 s more per launch here. The demo and SLURM tests run `accelerate launch` as users type it.
+ACCELERATE_LAUNCH = [str(BIN / "accelerate-launch")]
+USER_LAUNCH = [str(BIN / "accelerate"), "launch"]
+
+
+def _train_command(args, processes: int, launcher: list[str] = ACCELERATE_LAUNCH) -> list[str]:
     if processes == 1:
         return [str(BIN / "python"), str(REPO / "train_vit.py"), *args]
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
+    return [*launcher, "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
             "--num_processes", str(processes), str(REPO / "train_vit.py"), *args]
 
 
@@ -142,10 +149,11 @@ def _check(proc, check: bool = True):
     return proc
 
 
-def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True, env: dict | None = None):
+def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True, env: dict | None = None,
+           launcher: list[str] = ACCELERATE_LAUNCH):
     """`accelerate launch` train_vit.py on the CPU config (processes > 1) or plain python (1); ENV: extra
     environment variables."""
-    proc = subprocess.run(_train_command(args, processes), cwd=REPO, env=run_env(**(env or {})), capture_output=True,
+    proc = subprocess.run(_train_command(args, processes, launcher), cwd=REPO, env=run_env(**(env or {})), capture_output=True,
                           text=True, timeout=timeout)
     return _check(proc, check)
 
@@ -166,7 +174,7 @@ def launch_machines(args, *, machines: int = 2, timeout: int = 600) -> None:
 
     port = str(free_port())
     procs = [subprocess.Popen(
-        [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
+        [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
          "--num_machines", str(machines), "--num_processes", str(machines), "--machine_rank", str(rank),
          "--main_process_ip", "127.0.0.1", "--main_process_port", port, str(REPO / "train_vit.py"), *args],
         cwd=REPO, env=run_env(GLOO_SOCKET_IFNAME="lo"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

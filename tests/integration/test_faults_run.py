@@ -14,10 +14,10 @@ from test_trainer import common
 
 from vitbench import checkpoint
 
-from conftest import BIN, REPO, launch, results, run_env
+from conftest import ACCELERATE_LAUNCH, BIN, REPO, launch, results, run_env
 
 pytestmark = pytest.mark.slow
-LAUNCH = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
+LAUNCH = [*ACCELERATE_LAUNCH, "--config_file", str(REPO / "accelerate_configs/cpu_1x2.yaml"),
           "--num_processes", "2", str(REPO / "train_vit.py")]
 
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, REPO, run_env
+from conftest import ACCELERATE_LAUNCH, REPO, run_env
 
 pytestmark = pytest.mark.slow
 OLD_BUCKET = "reduce_bucket_size=5e8"  # what zero1/zero2.json shipped before: the whole ViT-B gradient in one bucket
@@ -15,7 +15,7 @@ OLD_BUCKET = "reduce_bucket_size=5e8"  # what zero1/zero2.json shipped before: t
 def test_gradient_reduction_starts_before_backward_ends_with_the_shipped_buckets():
     configs = [f"ds_configs/zero{stage}.json" for stage in (1, 2, 3)]
     old = f"ds_configs/zero2.json:{OLD_BUCKET}"
-    proc = subprocess.run([str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu_1x2.yaml",
+    proc = subprocess.run([*ACCELERATE_LAUNCH, "--config_file", "accelerate_configs/cpu_1x2.yaml",
                            "tests/overlap_probe.py", *configs, old], cwd=REPO, env=run_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

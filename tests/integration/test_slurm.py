@@ -25,6 +25,7 @@ from vitbench.tracking import METRICS_FILE
 from conftest import BIN, REPO, TINY, base_env, info, results
 
 pytestmark = pytest.mark.slow
+CRED_EXPIRE_S = 10
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
 
 
@@ -60,8 +61,8 @@ class Cluster:
             "ClusterName=vitbench-test", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}", "MailProg=/bin/true",
             "AuthType=auth/munge", "CredType=cred/munge",
-            # cred_expire: also how long a requeued job waits before it may start again (default 120 s)
-            f"AuthInfo=socket={root}/munge.sock,cred_expire=10",
+            # cred_expire: how long slurmd refuses a requeued job's new start ("Job credential revoked")
+            f"AuthInfo=socket={root}/munge.sock,cred_expire={CRED_EXPIRE_S}",
             f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
             f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
             f"SlurmctldLogFile={root}/log/slurmctld.log", f"SlurmdLogFile={root}/log/slurmd.log",
@@ -164,11 +165,14 @@ def test_preempted_job_checkpoints_requeues_resumes_and_trains_no_step_twice(clu
     wait_until(lambda: re.search(r"^step [3-9]/", log_text(), re.M), "training to run", timeout=300)
     cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
     wait_until(lambda: cluster.job(job_id).get("Restarts") == "1", "the job to be requeued", timeout=300)
-    # SLURM holds a requeued job ~121 s before it is eligible again (its own delay, not the script's): release
-    # it now, as an operator would, so the test waits for the resume and not for the scheduler's clock
+    requeued = time.time()
     wait_until(lambda: cluster.job(job_id)["JobState"] != "COMPLETING", "the requeued job to be pending", timeout=120)
     first = log_text()  # the first run's whole log and checkpoint, read before the second run may start
     saved = checkpoint.complete_checkpoints(out / "checkpoints")
+    # SLURM holds a requeued job ~121 s before it is eligible again (its own delay, not the script's): release
+    # it, as an operator would, once its old credential has expired (earlier, slurmd kills the start as
+    # "Job credential revoked"), so the test waits for the resume and not for the scheduler's clock
+    time.sleep(max(0.0, requeued + CRED_EXPIRE_S + 2 - time.time()))
     cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)  # already running: fine
     assert len(saved) == 1, first[-3000:]
     stop_step = saved[0][0]

@@ -20,6 +20,7 @@ from conftest import (
     SHARED_PEAK,
     SHARED_STEPS,
     TINY,
+    USER_LAUNCH,
     info,
     launch,
     results,
@@ -267,9 +268,9 @@ def test_bad_input_is_one_clear_message_before_heavy_work(tmp_path):
 
 def test_demo_trains_well_above_chance(tmp_path):
     """`make demo`'s run, shortened to its first epoch (the warm-up one; README: top-1 about 70-85% after it),
-    under the 2-process CPU launch config."""
+    under the 2-process CPU launch config, launched as the README does (`accelerate launch`)."""
     out = tmp_path / "demo"
-    launch(["--demo", "--vendor", "cpu", "--epochs", "1", "--output-dir", str(out)])
+    launch(["--demo", "--vendor", "cpu", "--epochs", "1", "--output-dir", str(out)], launcher=USER_LAUNCH)
     r = results(out)
     assert r["final_acc1"] > 50.0  # chance: 10%
     assert r["eval_samples"] == r["val_num_samples"] == 200

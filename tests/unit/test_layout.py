@@ -157,13 +157,14 @@ def test_the_unit_layer_launches_no_training_and_every_integration_test_is_slow(
     process it waits on is an integration test, marked slow (tests/README.md)."""
     def launches(tree) -> list[int]:
         """Lines of calls that start training: conftest's launch helpers, or a command line naming train_vit.py or
-        accelerate (a source read by ast, as here, starts nothing)."""
+        an accelerate launcher (a source read by ast, as here, starts nothing)."""
         found = []
         for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
-            if getattr(call.func, "id", None) in {"launch", "launch_machines"}:
+            if getattr(call.func, "id", None) in {"launch", "launch_machines", "launch_together"}:
                 found.append(call.lineno)
             elif getattr(call.func, "attr", None) in {"run", "Popen"} and any(
-                    isinstance(c, ast.Constant) and c.value in ("train_vit.py", "accelerate")
+                    (isinstance(c, ast.Constant) and c.value in ("train_vit.py", "accelerate", "accelerate-launch"))
+                    or (isinstance(c, ast.Name) and c.id in {"ACCELERATE_LAUNCH", "USER_LAUNCH", "LAUNCH"})
                     for a in call.args for c in ast.walk(a)):
                 found.append(call.lineno)
         return found
