@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -c "from vitbench.device import build_jit_ops; print('JIT ops ready:', *build_jit_ops())"
+	$(BIN)/python -c "from vitbench.device import build_jit_ops; print('JIT op ready:', build_jit_ops() or 'none needed')"
 	touch $(STAMP)
 
 demo: setup

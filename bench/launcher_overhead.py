@@ -21,7 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-COMMANDS = {"accelerate launch": [str(BIN / "accelerate"), "launch"], "accelerate-launch": [str(BIN / "accelerate-launch")]}
+COMMANDS = {"accelerate launch": [str(BIN / "accelerate"), "launch"],
+            "accelerate-launch": [str(BIN / "accelerate-launch")]}
 
 
 def launch_seconds(command: list[str], script: Path) -> float:

@@ -130,7 +130,7 @@ def run_env(**extra) -> dict:
 
 # accelerate's own entry point for its launch command alone (accelerate.commands.launch:main). The `accelerate`
 # dispatcher runs the same code but first imports every subcommand, and estimate-memory imports timm and
-# transformers: ~4 s more per launch here. The demo and SLURM tests run `accelerate launch` as users type it.
+# transformers: ~3.5 s more per launch here. The demo and SLURM tests run `accelerate launch` as users type it.
 ACCELERATE_LAUNCH = [str(BIN / "accelerate-launch")]
 USER_LAUNCH = [str(BIN / "accelerate"), "launch"]
 
@@ -151,10 +151,10 @@ def _check(proc, check: bool = True):
 
 def launch(args, *, processes: int = 2, timeout: int = 600, check: bool = True, env: dict | None = None,
            launcher: list[str] = ACCELERATE_LAUNCH):
-    """`accelerate launch` train_vit.py on the CPU config (processes > 1) or plain python (1); ENV: extra
+    """train_vit.py under LAUNCHER on the CPU config (processes > 1) or plain python (1); ENV: extra
     environment variables."""
-    proc = subprocess.run(_train_command(args, processes, launcher), cwd=REPO, env=run_env(**(env or {})), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(_train_command(args, processes, launcher), cwd=REPO, env=run_env(**(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
     return _check(proc, check)
 
 
@@ -163,9 +163,15 @@ def launch_together(runs: list[tuple[list[str], dict]], *, timeout: int = 600) -
     read no timing (losses, accuracy, files, requests), which do not depend on what else the machine runs."""
     procs = [subprocess.Popen(_train_command(args, 1), cwd=REPO, env=run_env(**env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args, env in runs]
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        _check(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            _check(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:  # one failed: the others are not left running
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def launch_machines(args, *, machines: int = 2, timeout: int = 600) -> None:

@@ -17,6 +17,8 @@ mlu, mps, sdaa, supa, klxpu). Nothing else in train_vit.py or vitbench/ reads `t
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 GIB = 1024**3
@@ -31,31 +33,26 @@ def pin_jit_build_tools() -> None:
     at the first collective). It builds with whatever `ninja` PATH finds, and two ninja versions hash the same
     command differently: a launch whose PATH finds another ninja than the last one rebuilt the op (~40 s on 2
     cores, every rank waiting), and the next launch rebuilt it back. The environment's ninja is the pinned one."""
-    import os
-    import sys
-
     bin_dir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
 
 
-def build_jit_ops(accelerator=None) -> list[str]:
-    """Compile, once, the JIT ops a launch's process group loads (on CPUs, DeepSpeed's shared-memory collectives:
-    ~40 s on 2 cores), so that `make setup` pays for them and not the first launch with every rank waiting.
-    Returns the ops built or found cached; none where the accelerator has no such op (CUDA's come prebuilt)."""
+def build_jit_ops(accelerator=None) -> str | None:
+    """Compile, once, the JIT op a launch's process group loads (on CPUs, DeepSpeed's shared-memory collectives:
+    ~40 s on 2 cores), so that `make setup` pays for it and not the first launch with every rank waiting.
+    Returns the op's name, built or found cached; None where the accelerator has none (CUDA: NCCL's)."""
     if accelerator is None:
         from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator()
     pin_jit_build_tools()
-    built = []
-    for name in ("ShareMemCommBuilder",):  # what deepspeed.comm's torch backend loads at init_distributed
-        builder = accelerator.create_op_builder(name)
-        if builder is not None and builder.is_compatible():
-            builder.load(verbose=False)
-            built.append(builder.NAME)
-    return built
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")  # what deepspeed.comm loads at init
+    if builder is None or not builder.is_compatible():
+        return None
+    builder.load(verbose=False)
+    return builder.NAME
 
 
 class Device:

@@ -82,9 +82,7 @@ def test_another_kind_of_device_takes_backend_events_and_memory_from_the_acceler
 def test_deepspeeds_jit_ops_are_built_by_this_environments_ninja(monkeypatch):
     """Two ninja versions on PATH (the venv's pinned one, Debian's) rebuilt DeepSpeed's CPU comm op in turn, ~40 s
     a launch: the trainer puts the environment's bin first, once."""
-    import os
     import sys
-    from pathlib import Path
 
     from vitbench.device import pin_jit_build_tools
 
@@ -97,11 +95,11 @@ def test_deepspeeds_jit_ops_are_built_by_this_environments_ninja(monkeypatch):
 
 
 def test_set_up_builds_the_cpu_comm_op_once_and_a_launch_finds_it_built():
-    """make setup calls build_jit_ops: on this CPU, DeepSpeed's shared-memory comm op, compiled into
-    TORCH_EXTENSIONS_DIR; asked again (as every launch's init_distributed does), nothing is rebuilt."""
+    """make setup calls build_jit_ops: on this CPU, DeepSpeed's shared-memory comm op, compiled into the
+    extensions cache; asked again (as every launch's init_distributed does), nothing is rebuilt."""
     if get_accelerator().device_name() != "cpu":
         pytest.skip("the shared-memory comm op is the CPU accelerator's")
-    assert build_jit_ops() == ["deepspeed_shm_comm"]
-    (library,) = Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("deepspeed_shm_comm/*.so")
+    assert build_jit_ops() == "deepspeed_shm_comm"
+    library = Path(get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False).__file__)
     built = library.stat().st_mtime_ns
-    assert build_jit_ops() == ["deepspeed_shm_comm"] and library.stat().st_mtime_ns == built
+    assert build_jit_ops() == "deepspeed_shm_comm" and library.stat().st_mtime_ns == built
